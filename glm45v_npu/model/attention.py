@@ -1,0 +1,44 @@
+"""Text attention: one fused qkv projection, split + optional per-head QK norm + M-RoPE, paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+from ..context import ForwardContext
+from ..kernels.kv_cache import store_kv_torch
+from ..kernels.paged_attention import paged_attention_torch
+from ..kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
+from .layers import Linear, RMSNorm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.qk_norm_eps = cfg.rms_norm_eps if cfg.use_qk_norm else None
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x.shape[0]
+        norm = self.qk_norm_eps is not None
+        q, k, v = split_qkv_rmsnorm_rope_torch(
+            self.qkv_proj(x), sin, cos, self.q_size, self.kv_size, self.head_dim,
+            self.qk_norm_eps,
+            self.q_norm.weight if norm else None,
+            self.k_norm.weight if norm else None,
+        )
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        store_kv_torch(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = paged_attention_torch(q.view(T, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx, self.scale)
+        return self.o_proj(o.reshape(T, self.q_size))

@@ -1,0 +1,74 @@
+"""GLM-4.5V: vision tower + text decoder + lm_head, on flat token batches. Also serves text-only glm4_moe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..context import ForwardContext
+from .decoder import TextModel
+from .layers import Linear
+from .vision import VisionTower
+
+
+class Glm4vMoe(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
+        self.language_model = TextModel(cfg.text)
+        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def encode_images(self, pixel_patches: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """One [tokens_i, hidden] embedding per image, in order."""
+        if self.visual is None:
+            raise ValueError(f"{self.cfg.source}: this is a text-only checkpoint; it cannot take images")
+        out = self.visual(pixel_patches, grid_thw)
+        m2 = self.cfg.vision.spatial_merge_size ** 2
+        return list(out.split([t * h * w // m2 for t, h, w in grid_thw]))
+
+    def embed(self, token_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image placeholder rows replaced, in order, by `image_embeds`."""
+        x = self.language_model.embed_tokens(token_ids)
+        if image_embeds is not None and image_embeds.shape[0]:
+            mask = token_ids == self.cfg.image_token_id
+            x[mask] = image_embeds.to(x.dtype)
+        return x
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.language_model(embeds, positions, ctx)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.language_model.layers]
+
+    def load_weights(self, path: str | Path, progress: bool = False) -> None:
+        from .loader import load_checkpoint
+
+        load_checkpoint(self, path, progress=progress)
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Glm4vMoe:
+    """Allocate (uninitialised) parameters straight on the device in the target dtype; routers stay fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Glm4vMoe(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+               progress: bool = False) -> Glm4vMoe:
+    model = build_model(cfg, dtype, device)
+    model.load_weights(path, progress=progress)
+    return model

@@ -1,0 +1,187 @@
+"""safetensors shards -> model parameters.
+
+The plan is built from the model side: every parameter lists the checkpoint tensors that fill it (fused qkv
+from q/k/v, gate_up from gate and up, stacked experts from per-expert tensors). Loading then walks the shards
+tensor by tensor (mmap), so host memory holds one tensor at a time, never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+
+# Checkpoint convolutions we hold as the equivalent linear layers: same numbers, flattened.
+_FLATTENED = ("visual.patch_embed.proj.weight", "visual.downsample.weight")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    param: str  # our parameter name
+    index: tuple  # where in the parameter the checkpoint tensor goes
+    reshape: bool = False
+
+
+def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
+    """Our parameter name -> the checkpoint's name (before fusing)."""
+    if ours.startswith("language_model."):
+        head = "model.language_model." if cfg.is_multimodal else "model."
+        return head + ours[len("language_model.") :]
+    if ours.startswith("visual."):
+        return "model." + ours
+    return ours
+
+
+def build_plan(model: nn.Module, cfg: ModelConfig) -> dict[str, Piece]:
+    """checkpoint tensor name -> where it goes."""
+    t = cfg.text
+    plan: dict[str, Piece] = {}
+    for name, p in model.named_parameters():
+        ck = checkpoint_prefix(cfg, name)
+        base, _, leaf = ck.rpartition(".")
+        if base.endswith(".qkv_proj"):
+            stem = base[: -len("qkv_proj")]
+            q, kv = t.q_size, t.kv_size
+            for proj, lo, hi in (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)):
+                plan[f"{stem}{proj}_proj.{leaf}"] = Piece(name, (slice(lo, hi),))
+        elif base.endswith(".gate_up_proj"):
+            stem, half = base[: -len("gate_up_proj")], p.shape[0] // 2
+            plan[f"{stem}gate_proj.{leaf}"] = Piece(name, (slice(0, half),))
+            plan[f"{stem}up_proj.{leaf}"] = Piece(name, (slice(half, 2 * half),))
+        elif ck.endswith(".experts.w13"):
+            stem, half = ck[: -len("w13")], p.shape[1] // 2
+            for e in range(p.shape[0]):
+                plan[f"{stem}{e}.gate_proj.weight"] = Piece(name, (e, slice(0, half)))
+                plan[f"{stem}{e}.up_proj.weight"] = Piece(name, (e, slice(half, 2 * half)))
+        elif ck.endswith(".experts.w2"):
+            stem = ck[: -len("w2")]
+            for e in range(p.shape[0]):
+                plan[f"{stem}{e}.down_proj.weight"] = Piece(name, (e,))
+        else:
+            plan[ck] = Piece(name, (), reshape=name in _FLATTENED)
+    return plan
+
+
+def shard_map(path: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: lists shard {shard.name}, which is missing from {path}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        with _open(single) as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+@contextmanager
+def _open(file: Path) -> Iterator:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _skipped(name: str, cfg: ModelConfig) -> bool:
+    """Layers past num_hidden_layers (GLM-4.5-Air's next-token-prediction layer) and stale rotary buffers."""
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    if m and not name.startswith("model.visual.") and int(m.group(1)) >= cfg.text.num_hidden_layers:
+        return True
+    return bool(_IGNORED.search(name))
+
+
+def _normalise(name: str, cfg: ModelConfig) -> str:
+    """Older VL checkpoints put the text model directly under `model.`."""
+    if cfg.is_multimodal and name.startswith("model.") and not name.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + name[len("model.") :]
+    return name
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) -> None:
+    path = Path(path)
+    cfg: ModelConfig = model.cfg
+    plan = build_plan(model, cfg)
+    params = dict(model.named_parameters())
+    files = shard_map(path)
+    tied = cfg.text.tie_word_embeddings
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+
+    pending = dict(plan)
+    total = len(files)
+    bar = _progress(total) if progress else None
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with _open(file) as f:
+                present = set(f.keys())
+                for raw_name in names:
+                    if raw_name not in present:
+                        raise CheckpointError(f"{file}: the index lists tensor '{raw_name}' but the shard lacks it")
+                    name = _normalise(raw_name, cfg)
+                    if bar:
+                        bar.advance()
+                    if _skipped(name, cfg) or (tied and name == "lm_head.weight"):
+                        continue
+                    piece = pending.pop(name, None)
+                    if piece is None:
+                        why = "appears twice" if name in plan else "is not part of this model"
+                        raise CheckpointError(f"{file}: tensor '{raw_name}' {why} (config: {cfg.source})")
+                    try:
+                        tensor = f.get_tensor(raw_name)
+                    except Exception as e:  # safetensors raises several types for a damaged payload
+                        raise CheckpointError(f"{file}: cannot read tensor '{raw_name}' ({e})") from None
+                    target = params[piece.param].data[piece.index]
+                    if tensor.shape != target.shape:
+                        if not (piece.reshape and tensor.numel() == target.numel() and tensor.shape[0] == target.shape[0]):
+                            raise CheckpointError(
+                                f"{file}: tensor '{raw_name}' has shape {list(tensor.shape)}, "
+                                f"expected {list(target.shape)} from {cfg.source}"
+                            )
+                        tensor = tensor.reshape(target.shape)
+                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                    del tensor
+    if bar:
+        bar.stop()
+    if pending:
+        missing = sorted(pending)
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
+
+
+class _progress:
+    """A rich progress bar over tensors; the real checkpoint has tens of thousands."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), transient=True)
+        self.task = self.p.add_task("loading weights", total=total)
+        self.p.start()
+
+    def advance(self) -> None:
+        self.p.advance(self.task)
+
+    def stop(self) -> None:
+        self.p.stop()

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from glm45v_npu.config import load_config
+from glm45v_npu.model.glm4v_moe import load_model
+from tests.tiny import VL_VARIANTS, make_text_checkpoint, make_vl_checkpoint
+
+torch.set_num_threads(2)
+
+
+class Checkpoint:
+    """A tiny checkpoint on disk, the transformers model that wrote it, and ours loaded from it."""
+
+    def __init__(self, path, ref):
+        self.path, self.ref = path, ref
+        self.cfg = load_config(path)
+        self._ours = {}
+
+    def ours(self, dtype=torch.float32):
+        if dtype not in self._ours:
+            self._ours[dtype] = load_model(self.path, self.cfg, dtype, "cpu")
+        return self._ours[dtype]
+
+
+@pytest.fixture(scope="session", params=list(VL_VARIANTS))
+def vl_ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return Checkpoint(path, make_vl_checkpoint(path, request.param))
+
+
+@pytest.fixture(scope="session", params=["qk-norm", "no-qk-norm"])
+def text_ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return Checkpoint(path, make_text_checkpoint(path, request.param))

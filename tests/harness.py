@@ -1,0 +1,88 @@
+"""Drive our model directly (no engine): allocate a paged cache, build contexts, prefill and decode."""
+
+from __future__ import annotations
+
+import torch
+
+from glm45v_npu.context import ForwardContext
+from glm45v_npu.processor import mrope_positions, num_image_tokens, preprocess_images
+from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, image_processor
+
+
+def build_prompt(text_lens: list[int], grids: list[tuple[int, int, int]], seed: int, merge: int = 2) -> list[int]:
+    """text, then per image <begin><image>*n<end> followed by more text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE_TOKEN, (text_lens[0],), generator=g).tolist()
+    for grid, n in zip(grids, text_lens[1:]):
+        ids += [IMAGE_START] + [IMAGE_TOKEN] * num_image_tokens(grid, merge) + [IMAGE_END]
+        ids += torch.randint(3, IMAGE_TOKEN, (n,), generator=g).tolist()
+    return ids
+
+
+class PagedRunner:
+    """One sequence at a time through our model, with blocks handed out in a shuffled order."""
+
+    def __init__(self, model, block_size: int = 4, num_blocks: int = 256):
+        self.model, self.block_size = model, block_size
+        dtype = next(model.language_model.parameters()).dtype
+        t = model.cfg.text
+        for attn in model.attention_layers():
+            attn.k_cache = torch.zeros(num_blocks, block_size, t.num_key_value_heads, t.head_dim, dtype=dtype)
+            attn.v_cache = torch.zeros_like(attn.k_cache)
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
+
+    def blocks_for(self, table: list[int], length: int) -> list[int]:
+        while len(table) * self.block_size < length:
+            table.append(self.free.pop())
+        return table
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], images=(), chunks: list[int] | None = None):
+        """Returns logits for every prompt token [T, V], and the state to continue decoding."""
+        m = self.model
+        merge = m.cfg.vision.spatial_merge_size if m.cfg.vision else 2
+        pixels, grids = preprocess_images(list(images), image_processor())
+        positions, delta = mrope_positions(ids, m.cfg.image_token_id, grids, merge)
+        image_embeds = torch.cat(m.encode_images(pixels, grids)) if grids else None
+        embeds = m.embed(torch.tensor(ids), image_embeds)
+        table: list[int] = []
+        out, done = [], 0
+        for n in chunks or [len(ids)]:
+            self.blocks_for(table, done + n)
+            ctx = ForwardContext.build([n], [done + n], [table], self.block_size)
+            hidden = m(embeds[done : done + n], positions[:, done : done + n], ctx)
+            out.append(m.logits(hidden))
+            done += n
+        return torch.cat(out), {"table": table, "len": len(ids), "delta": delta}
+
+    @torch.inference_mode()
+    def decode(self, states: list[dict], tokens: list[int]) -> torch.Tensor:
+        """One token for each sequence in one batched step; returns logits [B, V]."""
+        m = self.model
+        for s in states:
+            self.blocks_for(s["table"], s["len"] + 1)
+        ctx = ForwardContext.build([1] * len(states), [s["len"] + 1 for s in states],
+                                   [s["table"] for s in states], self.block_size)
+        pos = torch.tensor([s["len"] + s["delta"] for s in states]).expand(3, -1)
+        logits = m.logits(m(m.embed(torch.tensor(tokens)), pos, ctx))
+        for s in states:
+            s["len"] += 1
+        return logits
+
+
+def reference_logits(ref, ids: list[int], images=()) -> torch.Tensor:
+    """transformers' logits for the whole sequence [T, V]."""
+    kwargs = {}
+    if images:
+        px = image_processor()(images=list(images), return_tensors="pt")
+        kwargs = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"],
+                      mm_token_type_ids=(torch.tensor([ids]) == IMAGE_TOKEN).int())
+    elif hasattr(ref, "model") and hasattr(ref.model, "visual"):
+        kwargs = dict(mm_token_type_ids=torch.zeros(1, len(ids), dtype=torch.int))
+    with torch.inference_mode():
+        return ref(input_ids=torch.tensor([ids]), **kwargs).logits[0].float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max())
