@@ -9,7 +9,6 @@ import torch
 from glm45v_npu.tiny_random import (
     TEXT,
     TOKEN_IDS,
-    image_processor,
     write_text_checkpoint,
     write_vl_checkpoint,
 )
@@ -47,7 +46,6 @@ TEXT_VARIANTS = {
         moe_intermediate_size=16, attention_bias=False, use_qk_norm=False),
 }
 
-__all__ = ["image_processor", "IMAGE_TOKEN", "IMAGE_START", "IMAGE_END"]
 
 
 def make_vl_checkpoint(path: Path, variant: str = "gqa2-hd32-half-rope", seed: int = 0,

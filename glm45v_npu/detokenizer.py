@@ -1,0 +1,47 @@
+"""Incremental detokenisation for streaming: multi-byte UTF-8 safe, stop strings trimmed and held back."""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, skip_special_tokens: bool, stop: list[str]):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # chars that could still start a stop string
+        self.ids: list[int] = []
+        self.prefix, self.read = 0, 0
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token: int) -> None:
+        """Feed one token; sets `stopped` when a stop string appears (the text is cut before it)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            start = max(0, len(self.text) - self.hold)
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            for s in self.stop:
+                i = self.text.find(s, start)
+                if i >= 0:
+                    self.text = self.text[:i]
+                    self.stopped = True
+
+    def finish(self) -> None:
+        """Flush bytes still pending (an unfinished character becomes U+FFFD) unless a stop string ended it."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.prefix : self.read])
+            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
+            self.read = len(self.ids)
+
+    def delta(self, final: bool) -> str:
+        """New text safe to show: while running, the last few chars wait in case a stop string is forming."""
+        end = len(self.text) if final or not self.stop else max(self.emitted, len(self.text) - self.hold)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

@@ -1,0 +1,91 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Each step takes running sequences first (decodes and unfinished prefills, oldest first), then admits waiting
+ones, all within max_num_seqs sequences and max_num_batched_tokens new tokens. When blocks run out the newest
+running sequence is preempted: its blocks are freed and it is recomputed later (never a crash, never a token lost).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new: list[int]  # tokens each sequence computes this step
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        budget = self.max_tokens
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an older sequence
+                continue
+            n = min(len(seq) - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_allocate(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.admit(seq)
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                self.blocks.release(seq)
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new.append(n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        seq.image_embeds = None
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (finished or aborted) wherever it is, returning its blocks."""
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.image_embeds = None

@@ -1,0 +1,86 @@
+"""Per-request state. The engine sees token ids, opaque image inputs and their content hashes, nothing GLM."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from ..sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class ImageSpan:
+    """An image's run of placeholder tokens [start, end) in the prompt, its content hash and model inputs."""
+
+    start: int
+    end: int
+    digest: bytes
+    pixels: torch.Tensor
+    grid: tuple[int, int, int]
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    positions: torch.Tensor  # [3, prompt_len] M-RoPE positions of the prompt
+    delta: int  # generated token at index i has position i + delta on all rows
+    images: list[ImageSpan] = field(default_factory=list)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached: int = 0  # of those, how many came from the prefix cache at the last admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
+    image_embeds: torch.Tensor | None = None  # vision output, kept until the prompt is consumed
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+    preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def block_hash(self, index: int, block_size: int, previous: bytes) -> bytes:
+        """Chained hash of block `index`: previous hash, its token ids, and the hashes of images inside it, so
+        equal text with different images never shares a block."""
+        lo, hi = index * block_size, (index + 1) * block_size
+        h = hashlib.sha256(previous)
+        ids = self.token_ids[lo:hi]
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        for span in self.images:
+            if span.start < hi and span.end > lo:
+                h.update(span.digest)
+        return h.digest()

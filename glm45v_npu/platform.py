@@ -1,0 +1,69 @@
+"""Device, dtype and memory queries. The only module that imports torch_npu."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .errors import Glm45vError
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  registers the "npu" device
+
+    return torch.npu.is_available()
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """npu > cuda > cpu unless told."""
+    if name:
+        kind = name.split(":")[0]
+        if kind == "npu" and not npu_available():
+            raise Glm45vError(f"--device {name}: no Ascend NPU (torch_npu) available here")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise Glm45vError(f"--device {name}: no CUDA device available here")
+        if kind not in ("npu", "cuda", "cpu"):
+            raise Glm45vError(f"--device {name}: expected npu, cuda or cpu")
+        return torch.device(name)
+    if npu_available():
+        return torch.device("npu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on accelerators, float32 on CPU, unless told."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise Glm45vError(f"--dtype {name}: expected one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def device_module(device: torch.device):
+    return getattr(torch, device.type)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        device_module(device).synchronize(device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on an accelerator."""
+    free, _ = device_module(device).mem_get_info(device)
+    return free
+
+
+def peak_memory(device: torch.device) -> int:
+    return 0 if device.type == "cpu" else device_module(device).max_memory_allocated(device)

@@ -1,0 +1,203 @@
+"""The engine end to end: greedy parity with transformers' generate under preemption, prefix caching,
+block accounting, finish reasons."""
+
+import random
+
+import pytest
+import torch
+
+from glm45v_npu import LLM, SamplingParams
+from glm45v_npu.errors import Glm45vError
+from tests.harness import build_prompt, reference_logits
+from tests.tiny import IMAGE_TOKEN, image_processor, make_text_checkpoint, make_vl_checkpoint, random_image
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine-vl")
+    return path, make_vl_checkpoint(path, "gqa3-hd16-full-rope", seed=11)
+
+
+@pytest.fixture(scope="module")
+def text_qk(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine-text")
+    return path, make_text_checkpoint(path, "qk-norm", seed=12)
+
+
+def _reference_generate(ref, ids, images, n):
+    from transformers import GenerationConfig
+
+    kwargs = {}
+    if images:
+        px = image_processor()(images=images, return_tensors="pt")
+        kwargs = dict(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+    if hasattr(ref.model, "visual"):
+        kwargs["mm_token_type_ids"] = (torch.tensor([ids]) == IMAGE_TOKEN).int()
+    gen = GenerationConfig(max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([ids]), generation_config=gen, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def _requests(n_text_only: int, with_images: bool):
+    """(request, images, expanded prompt ids): text-only and 1..3 images, different lengths."""
+    image_sets = [[], [(90, 60)], [(40, 120), (20, 30)], [(112, 112), (17, 70), (84, 28)]] if with_images else []
+    image_sets += [[]] * n_text_only
+    out = []
+    for i, sizes in enumerate(image_sets):
+        images = [random_image(w, h, 10 * i + j) for j, (w, h) in enumerate(sizes)]
+        grids = [tuple(g) for g in image_processor()(images=images)["image_grid_thw"].tolist()] if images else []
+        expanded = build_prompt([3 + 4 * i] + [2 + i] * len(grids), grids, seed=100 + i)
+        placeholder = []  # the same prompt with one placeholder per image, as a user would pass it
+        run = False
+        for t in expanded:
+            if t == IMAGE_TOKEN:
+                if not run:
+                    placeholder.append(t)
+                run = True
+            else:
+                placeholder.append(t)
+                run = False
+        out.append(({"prompt_token_ids": placeholder, "images": images}, images, expanded))
+    return out
+
+
+def _check_parity(path, ref, requests, max_tokens, **llm_kwargs):
+    llm = LLM(path, block_size=4, **llm_kwargs)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=True)
+    outs = llm.generate([r for r, _, _ in requests], params)
+    for out, (_, images, ids) in zip(outs, requests):
+        assert out.error is None and out.finish_reason == "length"
+        assert out.prompt_token_count == len(ids)
+        assert out.token_ids == _reference_generate(ref, ids, images, max_tokens)
+        logp = torch.log_softmax(reference_logits(ref, ids + out.token_ids[:-1], images)[len(ids) - 1 :], -1)
+        expected = logp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(out.logprobs), expected, atol=2e-3)
+    return llm
+
+
+def test_greedy_matches_transformers_generate_under_preemption(vl):
+    path, ref = vl
+    requests = _requests(n_text_only=3, with_images=True)
+    # 40 blocks of 4 tokens: every request fits alone, the batch does not -> preemption by recompute
+    per_block = 2 * ref.config.text_config.num_hidden_layers * 4 * 2 * 16 * 4
+    llm = _check_parity(path, ref, requests, max_tokens=12, kv_cache_gib=40 * per_block / 2**30,
+                        max_num_batched_tokens=48)
+    assert llm.scheduler.preemptions > 0
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_greedy_matches_transformers_for_text_model_with_qk_norm(text_qk):
+    path, ref = text_qk
+    llm = _check_parity(path, ref, _requests(n_text_only=6, with_images=False), max_tokens=10,
+                        kv_cache_gib=0.001, max_num_batched_tokens=16)
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+
+
+def test_prefix_cache_hits_and_changes_nothing(vl):
+    path, _ = vl
+    requests = [r for r, _, _ in _requests(n_text_only=2, with_images=True)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True)
+    off = LLM(path, block_size=4, kv_cache_gib=0.01, enable_prefix_caching=False).generate(requests, params)
+    llm = LLM(path, block_size=4, kv_cache_gib=0.01)
+    on = llm.generate(requests, params)
+    assert llm.blocks.hits == 0
+    again = llm.generate(requests, params)
+    assert llm.blocks.hits > 0 and all(o.num_cached_tokens > 0 for o in again if o.prompt_token_count > 4)
+    for a, b, c in zip(off, on, again):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
+
+
+def test_equal_text_with_different_images_shares_no_image_block(vl):
+    path, _ = vl
+    llm = LLM(path, block_size=4, kv_cache_gib=0.01)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, IMAGE_TOKEN, 13, 14, 15]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    a = {"prompt_token_ids": ids, "images": [random_image(56, 56, 1)]}
+    b = {"prompt_token_ids": ids, "images": [random_image(56, 56, 2)]}
+    llm.generate([a], params)
+    hits = llm.blocks.hits
+    out = llm.generate([b], params)[0]
+    assert out.num_cached_tokens == 8 and llm.blocks.hits - hits == 8  # the two text-only blocks, nothing more
+    out = llm.generate([a], params)[0]
+    assert out.num_cached_tokens > 8  # the same image is shared
+
+
+def test_random_run_returns_every_block(vl):
+    path, _ = vl
+    llm = LLM(path, block_size=4, kv_cache_gib=0.0005, max_num_seqs=8, max_num_batched_tokens=32)
+    rng = random.Random(0)
+    stops = ["a", "e", "xyz", "\n"]
+    submitted = []
+    for i in range(60):
+        ids = [rng.randrange(3, 250) for _ in range(rng.randrange(1, 30))]
+        images = []
+        if rng.random() < 0.3:
+            ids.insert(rng.randrange(len(ids) + 1), IMAGE_TOKEN)
+            images = [random_image(rng.randrange(20, 90), rng.randrange(20, 90), i)]
+        params = SamplingParams(max_tokens=rng.randrange(1, 20), temperature=rng.choice([0, 0.7, 1.2]),
+                                top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), seed=i,
+                                stop=[rng.choice(stops)] if rng.random() < 0.4 else [],
+                                ignore_eos=rng.random() < 0.5)
+        submitted.append(llm.add_request({"prompt_token_ids": ids, "images": images}, params))
+    steps = 0
+    while llm.has_unfinished():
+        llm.step()
+        steps += 1
+        if steps % 3 == 0:
+            llm.abort(rng.choice(submitted))
+    outs = [llm._output(r) for r in submitted]
+    assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
+    assert {"stop", "length", "abort"} <= {o.finish_reason for o in outs}
+    assert llm.blocks.num_free == llm.blocks.num_blocks
+    assert all(r == 0 for r in llm.blocks.ref)
+
+
+def test_finish_reasons(vl):
+    path, _ = vl
+    llm = LLM(path, block_size=4, kv_cache_gib=0.01)
+    req = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    free = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    third = free.token_ids[2]
+    by_id = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                               stop_token_ids=[third]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(third) + 1]
+    eos = free.token_ids[1]
+    llm.processor.eos_token_ids = [eos]
+    by_eos = llm.generate([req], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert by_eos.finish_reason == "stop" and by_eos.token_ids[-1] == eos
+    assert len(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids) == 12
+    text = free.text
+    assert len(text) > 4
+    stop = text[2:4]
+    by_str = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert by_str.finish_reason == "stop" and by_str.text == text[: text.index(stop)]
+    streamed = "".join(llm.stream(req, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])))
+    assert streamed == by_str.text
+
+
+def test_request_that_can_never_fit_is_rejected_and_others_go_on(vl):
+    path, _ = vl
+    llm = LLM(path, block_size=4, kv_cache_gib=0.0002)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    huge = {"prompt_token_ids": list(range(3, 200)) * 3}
+    outs = llm.generate([{"prompt_token_ids": [5, 6]}, huge, {"prompt_token_ids": [7, 8]}], params)
+    assert outs[1].error and "exceeds the KV cache" in outs[1].error and outs[1].finish_reason == "abort"
+    assert len(outs[0].token_ids) == 4 and len(outs[2].token_ids) == 4
+    with pytest.raises(Glm45vError, match="image placeholder"):
+        llm.add_request({"prompt_token_ids": [5, IMAGE_TOKEN], "images": []}, params)
+
+
+def test_seeded_sampling_reproduces_across_batches(vl):
+    path, _ = vl
+    llm = LLM(path, block_size=4, kv_cache_gib=0.01)
+    req = {"prompt_token_ids": [5, 6, 7, 8, 9, 10]}
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=5)
+    alone = llm.generate([req], params)[0].token_ids
+    other = {"prompt_token_ids": [11, 12, 13]}
+    crowded = llm.generate([other, req, other], [SamplingParams(max_tokens=7, temperature=1.0), params,
+                                                 SamplingParams(max_tokens=3, temperature=0)])[1].token_ids
+    assert alone == crowded
+    assert llm.generate([req], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=6))[0].token_ids != alone
