@@ -12,6 +12,7 @@ import torch
 
 from . import platform
 from .config import load_config
+from .context import ForwardContext
 from .detokenizer import IncrementalDetokenizer
 from .engine.block_manager import BlockManager
 from .engine.runner import ModelRunner
@@ -20,6 +21,7 @@ from .engine.sequence import Sequence, Status
 from .errors import Glm45vError
 from .model.glm4v_moe import load_model
 from .processor import Processor
+from .progress import ProgressBar
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("glm45v_npu")
@@ -60,6 +62,7 @@ class LLM:
         self.processor = Processor(path, self.cfg, max_pixels=max_pixels)
         self.model = load_model(path, self.cfg, self.dtype, self.device)
         self.block_size = block_size or 16
+        self.max_num_batched_tokens = max_num_batched_tokens
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.block_size, self.dtype)
         num_blocks = self._num_blocks(per_block, kv_cache_gib, memory_fraction)
         self.max_model_len = self.cfg.text.max_position_embeddings
@@ -78,12 +81,31 @@ class LLM:
         elif self.device.type == "cpu":
             budget = 1 * 2**30
         else:
-            # weights are resident; leave room for activations of a warm-up-sized step
-            budget = platform.free_memory(self.device) * fraction - 2 * 2**30
+            total = platform.total_memory(self.device)
+            budget = total * fraction - self._profile_peak()
         n = int(budget // per_block)
         if n < 2:
             raise Glm45vError(f"KV cache budget {budget / 2**30:.2f} GiB holds fewer than 2 blocks; raise kv_cache_gib")
         return n
+
+    @torch.inference_mode()
+    def _profile_peak(self) -> int:
+        """Device bytes at the peak of the largest step (weights + activations): one prefill of
+        max_num_batched_tokens tokens through a throw-away cache just big enough for it."""
+        n = min(self.max_num_batched_tokens, self.cfg.text.max_position_embeddings)
+        blocks = -(-n // self.block_size)
+        runner = ModelRunner(self.model, blocks, self.block_size, self.device, self.dtype)
+        platform.reset_peak_memory(self.device)
+        ctx = ForwardContext.build([n], [n], [list(range(blocks))], self.block_size, self.device)
+        embeds = self.model.embed(torch.zeros(n, dtype=torch.long, device=self.device))
+        positions = torch.arange(n, device=self.device).expand(3, -1)
+        self.model.logits(self.model(embeds, positions, ctx)[-1:])
+        platform.synchronize(self.device)
+        peak = platform.peak_memory(self.device)
+        del runner
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        return peak
 
     @property
     def capacity_tokens(self) -> int:
@@ -178,6 +200,8 @@ class LLM:
         """All requests together with continuous batching; outputs in request order. A request that can never
         fit comes back with `error` set and finish_reason "abort"; the others go on."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
+        if len(params_list) != len(requests):
+            raise Glm45vError(f"generate: {len(requests)} requests but {len(params_list)} SamplingParams")
         ids: list[int | RequestOutput] = []
         for i, (req, p) in enumerate(zip(requests, params_list)):
             try:
@@ -185,7 +209,7 @@ class LLM:
             except Glm45vError as e:
                 ids.append(RequestOutput(request_id=-1, prompt_token_count=0, finish_reason="abort",
                                          error=f"request {i}: {e}"))
-        bar = _Progress(len(requests)) if progress else None
+        bar = ProgressBar("generating", len(requests)) if progress else None
         try:
             while self.has_unfinished():
                 finished = [s for s in self.step() if s.status is Status.FINISHED]
@@ -211,17 +235,3 @@ class LLM:
             self.abort(rid)
             self.last_output = self._output(rid)
 
-
-class _Progress:
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.p = Progress("generating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
-        self.task = self.p.add_task("", total=total)
-        self.p.start()
-
-    def advance(self, n: int) -> None:
-        self.p.advance(self.task, n)
-
-    def stop(self) -> None:
-        self.p.stop()

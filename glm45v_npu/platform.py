@@ -59,10 +59,15 @@ def synchronize(device: torch.device) -> None:
         device_module(device).synchronize(device)
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free on an accelerator."""
-    free, _ = device_module(device).mem_get_info(device)
-    return free
+def total_memory(device: torch.device) -> int:
+    """Bytes on an accelerator."""
+    _, total = device_module(device).mem_get_info(device)
+    return total
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type != "cpu":
+        device_module(device).reset_peak_memory_stats(device)
 
 
 def peak_memory(device: torch.device) -> int:

@@ -189,8 +189,15 @@ def _split_images(messages: list) -> tuple[list, list]:
     return out, images
 
 
+def image_processor_class():
+    """transformers' GLM-4V image processor; the PIL backend needs no torchvision (older releases lack it)."""
+    import transformers
+
+    return getattr(transformers, "Glm4vImageProcessorPil", None) or transformers.Glm4vImageProcessor
+
+
 def _load_image_processor(path: Path, max_pixels: int | None):
-    from transformers import Glm4vImageProcessorPil
+    Glm4vImageProcessorPil = image_processor_class()
 
     file = path / "preprocessor_config.json"
     kwargs = {}

@@ -93,7 +93,9 @@ def spread_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def image_processor(max_pixels: int = 112 * 112):
-    from transformers import Glm4vImageProcessorPil
+    from .processor import image_processor_class
+
+    Glm4vImageProcessorPil = image_processor_class()
 
     return Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": max_pixels}, patch_size=14,
                                   temporal_patch_size=2, merge_size=2)

@@ -9,9 +9,12 @@ import torch
 from glm45v_npu.tiny_random import (
     TEXT,
     TOKEN_IDS,
+    image_processor,
     write_text_checkpoint,
     write_vl_checkpoint,
 )
+
+__all__ = ["image_processor", "make_text_checkpoint", "make_vl_checkpoint", "random_image"]
 
 IMAGE_TOKEN = TOKEN_IDS["<|image|>"]
 IMAGE_START, IMAGE_END = TOKEN_IDS["<|begin_of_image|>"], TOKEN_IDS["<|end_of_image|>"]

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..progress import ProgressBar
 
 # Checkpoint convolutions we hold as the equivalent linear layers: same numbers, flattened.
 _FLATTENED = ("visual.patch_embed.proj.weight", "visual.downsample.weight")
@@ -130,7 +131,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
 
     pending = dict(plan)
     total = len(files)
-    bar = _progress(total) if progress else None
+    bar = ProgressBar("loading weights", total) if progress else None
     with torch.no_grad():
         for file, names in by_file.items():
             with _open(file) as f:
@@ -168,20 +169,3 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
 
-
-class _progress:
-    """A rich progress bar over tensors; the real checkpoint has tens of thousands."""
-
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), transient=True)
-        self.task = self.p.add_task("loading weights", total=total)
-        self.p.start()
-
-    def advance(self) -> None:
-        self.p.advance(self.task)
-
-    def stop(self) -> None:
-        self.p.stop()
