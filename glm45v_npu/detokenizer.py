@@ -1,11 +1,21 @@
-"""Incremental detokenisation for streaming: multi-byte UTF-8 safe, stop strings trimmed and held back."""
+"""Incremental detokenisation for streaming: multi-byte UTF-8 safe, stop strings trimmed and held back.
+
+Skipping special tokens keeps the answer's structure markers (think and box), which some tokenizers mark
+special: the output parser needs them, and the raw text should show them.
+"""
 
 from __future__ import annotations
+
+from .output import MARKERS
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool, stop: list[str]):
-        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.tok = tokenizer
+        self.drop: set[int] = set()
+        if tokenizer is not None and skip_special_tokens:
+            keep = {tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
+            self.drop = set(tokenizer.all_special_ids) - keep
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that could still start a stop string
         self.ids: list[int] = []
@@ -15,7 +25,9 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
+        if self.tok is None:
+            return ""
+        return self.tok.decode([i for i in ids if i not in self.drop], skip_special_tokens=False)
 
     def add(self, token: int) -> None:
         """Feed one token; sets `stopped` when a stop string appears (the text is cut before it)."""

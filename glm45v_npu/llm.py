@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence, Status
 from .errors import Glm45vError
-from .model.glm4v_moe import load_model
+from .hub import resolve_model
+from .model.glm4v_moe import build_model, load_model
+from .model.loader import init_dummy_weights
 from .processor import Processor
 from .progress import ProgressBar
 from .sampling import Sampler, SamplingParams
@@ -54,13 +57,29 @@ class LLM:
         enable_prefix_caching: bool = True,
         memory_fraction: float = 0.9,
         max_pixels: int | None = None,
+        load_format: str = "auto",
+        num_layers: int | None = None,
     ):
-        path = Path(model)
+        path, weightless = resolve_model(model)
+        if load_format not in ("auto", "dummy"):
+            raise Glm45vError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
+        if weightless and load_format != "dummy":
+            raise Glm45vError(f"--model {model}: a built-in config has no weights; add --load-format dummy")
         self.cfg = load_config(path)
+        if num_layers is not None:
+            if not 1 <= num_layers <= self.cfg.text.num_hidden_layers:
+                raise Glm45vError(f"--num-layers {num_layers}: expected 1..{self.cfg.text.num_hidden_layers}")
+            text = dataclasses.replace(self.cfg.text, num_hidden_layers=num_layers,
+                                       first_k_dense_replace=min(self.cfg.text.first_k_dense_replace, num_layers))
+            self.cfg = dataclasses.replace(self.cfg, text=text)
         self.device = platform.pick_device(device)
         self.dtype = platform.pick_dtype(dtype, self.device)
         self.processor = Processor(path, self.cfg, max_pixels=max_pixels)
-        self.model = load_model(path, self.cfg, self.dtype, self.device)
+        if load_format == "dummy":
+            self.model = build_model(self.cfg, self.dtype, self.device)
+            init_dummy_weights(self.model)
+        else:
+            self.model = load_model(path, self.cfg, self.dtype, self.device, progress=True)
         self.block_size = block_size or 16
         self.max_num_batched_tokens = max_num_batched_tokens
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.block_size, self.dtype)
@@ -79,7 +98,7 @@ class LLM:
         if kv_cache_gib is not None:
             budget = kv_cache_gib * 2**30
         elif self.device.type == "cpu":
-            budget = 1 * 2**30
+            budget = 2**28  # 256 MiB: plenty for small models; pass kv_cache_gib for more
         else:
             total = platform.total_memory(self.device)
             budget = total * fraction - self._profile_peak()

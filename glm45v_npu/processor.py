@@ -111,10 +111,12 @@ class Processor:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise Glm45vError(f"{path}: cannot load the tokenizer ({e})") from None
+        self.tokenizer = None  # a built-in config has none: requests then come as prompt_token_ids
+        if any(Path(path).glob("tokenizer*")):
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            except (OSError, ValueError) as e:
+                raise Glm45vError(f"{path}: cannot load the tokenizer ({e})") from None
         self.image_processor = _load_image_processor(Path(path), max_pixels) if cfg.is_multimodal else None
         self.merge = cfg.vision.spatial_merge_size if cfg.vision else 1
         self.eos_token_ids = _eos_ids(Path(path), cfg, self.tokenizer)
@@ -125,6 +127,8 @@ class Processor:
         if not isinstance(request, dict):
             raise Glm45vError(f"request must be a str or a dict, got {type(request).__name__}")
         images = list(request.get("images") or [])
+        if self.tokenizer is None and "prompt_token_ids" not in request:
+            raise Glm45vError(f"{self.cfg.source}: this model has no tokenizer; pass prompt_token_ids")
         if "messages" in request:
             messages, images = _split_images(request["messages"])
             kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
@@ -221,6 +225,6 @@ def _eos_ids(path: Path, cfg: ModelConfig, tokenizer) -> list[int]:
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if not ids and tokenizer.eos_token_id is not None:
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))

@@ -32,7 +32,7 @@ class ImageSpan:
     grid: tuple[int, int, int]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks sequences up in its queues
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams

@@ -169,3 +169,25 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
 
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights from the config without reading any tensor (like vLLM's load_format='dummy'): small
+    uniform values keep activations finite, norm weights are 1 and biases 0. Large matrices are tiled from one
+    random block of prime length (no two rows alike), which is as fast as a memory copy."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    block = torch.empty(1_000_003, device=device).uniform_(-0.02, 0.02, generator=g)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.dim() == 1:
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                flat, start = p.view(-1), int(torch.randint(len(block), (1,), generator=g, device=device))
+                off = 0
+                while off < flat.numel():
+                    n = min(len(block) - start, flat.numel() - off)
+                    flat[off : off + n].copy_(block[start : start + n])
+                    off, start = off + n, 0

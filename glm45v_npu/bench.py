@@ -1,0 +1,112 @@
+"""glm45v bench: B requests at once; time to first token, inter-token latency, prefill and decode tokens/s."""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+
+import torch
+from rich.table import Table
+
+from . import platform
+from .errors import Glm45vError
+from .sampling import SamplingParams
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise Glm45vError(f"--image-size {text}: expected WxH, e.g. 448x448") from None
+    if w < 1 or h < 1:
+        raise Glm45vError(f"--image-size {text}: both sides must be >= 1")
+    return w, h
+
+
+def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int) -> list[dict]:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    special = set(llm.processor.eos_token_ids) | {llm.cfg.image_token_id}
+    vocab = [t for t in range(min(llm.cfg.text.vocab_size, 30000)) if t not in special]
+    out = []
+    for i in range(batch):
+        ids = [rng.choice(vocab) for _ in range(input_len)]
+        pics = []
+        for k in range(images):
+            ids.insert(k, llm.cfg.image_token_id)
+            g = torch.Generator().manual_seed(seed * 1000 + i * 10 + k)
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            pics.append(Image.fromarray(pixels))
+        out.append({"prompt_token_ids": ids, "images": pics})
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, size: tuple[int, int]) -> dict:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    llm.generate(_requests(llm, 1, min(input_len, 16), images, size, seed=1),
+                 SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    requests = _requests(llm, batch, input_len, images, size, seed=0)
+    platform.reset_peak_memory(llm.device)
+    platform.synchronize(llm.device)
+    start = time.perf_counter()
+    outs = llm.generate(requests, params)
+    platform.synchronize(llm.device)
+    total = time.perf_counter() - start
+    bad = [o.error for o in outs if o.error]
+    if bad:
+        raise Glm45vError(f"bench request rejected: {bad[0]}")
+    ttft = [o.time_to_first_token for o in outs]
+    itl = [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:])]
+    prompt_tokens = sum(o.prompt_token_count for o in outs)
+    generated = sum(len(o.token_ids) for o in outs)
+    last_first = max(ttft)
+    decode_time = max(o.token_times[-1] for o in outs) - last_first
+    peak = platform.peak_memory(llm.device)
+    if llm.device.type == "cpu":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "model": llm.cfg.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
+        "batch": batch, "input_len": input_len, "output_len": output_len, "images_per_request": images,
+        "prompt_tokens": prompt_tokens, "generated_tokens": generated, "total_s": total,
+        "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+        "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+        "prefill_tokens_per_s": prompt_tokens / last_first,
+        "decode_tokens_per_s": (generated - batch) / decode_time if decode_time > 0 else float("nan"),
+        "output_tokens_per_s": generated / total,
+        "peak_memory_bytes": peak, "peak_memory_is_process_rss": llm.device.type == "cpu",
+        "kv_cache_blocks": llm.blocks.num_blocks, "kv_cache_tokens": llm.capacity_tokens,
+        "preemptions": llm.scheduler.preemptions,
+    }
+
+
+def table(r: dict) -> Table:
+    t = Table(title=f"glm45v bench: batch {r['batch']}, {r['input_len']} in / {r['output_len']} out, "
+              f"{r['images_per_request']} image(s) per request, {r['device']} {r['dtype']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
+    rows = [
+        ("time to first token (mean / p50 / p99)",
+         f"{ms(r['ttft_mean_s'])} / {ms(r['ttft_p50_s'])} / {ms(r['ttft_p99_s'])}"),
+        ("inter-token latency (p50 / p99)", f"{ms(r['itl_p50_s'])} / {ms(r['itl_p99_s'])}"),
+        ("prefill throughput", f"{r['prefill_tokens_per_s']:.0f} tok/s"),
+        ("decode throughput", f"{r['decode_tokens_per_s']:.0f} tok/s"),
+        ("output throughput", f"{r['output_tokens_per_s']:.0f} tok/s"),
+        ("peak memory" + (" (process RSS)" if r["peak_memory_is_process_rss"] else " (device)"),
+         f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
+        ("KV cache", f"{r['kv_cache_blocks']} blocks = {r['kv_cache_tokens']} tokens"),
+        ("preemptions", str(r["preemptions"])),
+        ("total", f"{r['total_s']:.2f} s"),
+    ]
+    for row in rows:
+        t.add_row(*row)
+    return t

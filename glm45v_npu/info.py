@@ -1,0 +1,81 @@
+"""glm45v info: devices, backend, versions, the path each op takes, and a model summary."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import torch
+from rich.console import Group
+from rich.table import Table
+
+from . import platform
+
+
+def _version(pkg: str) -> str:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def kernel_paths(device: torch.device) -> dict[str, str]:
+    from .kernels import ops
+
+    return ops.describe(device)
+
+
+def render_info(model: str | None, device_name: str | None) -> Group:
+    device = platform.pick_device(device_name)
+    env = Table(title="environment", show_header=False)
+    env.add_column()
+    env.add_column()
+    env.add_row("device", str(device))
+    if torch.cuda.is_available():
+        env.add_row("cuda devices", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    env.add_row("npu available", str(platform.npu_available()))
+    for pkg in ("torch", "torch_npu", "triton", "triton-ascend", "transformers", "safetensors"):
+        env.add_row(pkg, _version(pkg))
+    ops = Table(title="kernel path per op")
+    ops.add_column("op")
+    ops.add_column("path")
+    for op, path in kernel_paths(device).items():
+        ops.add_row(op, path)
+    parts = [env, ops]
+    if model:
+        parts.append(model_summary(model))
+    return Group(*parts)
+
+
+def model_summary(model: str) -> Table:
+    """Counts from the config alone: the model is built on the meta device, nothing is read or allocated."""
+    from .config import load_config
+    from .hub import resolve_model
+    from .model.glm4v_moe import Glm4vMoe
+
+    path, _ = resolve_model(model)
+    cfg = load_config(path)
+    with torch.device("meta"):
+        m = Glm4vMoe(cfg)
+    total = sum(p.numel() for p in m.parameters())
+    vision = sum(p.numel() for p in m.visual.parameters()) if m.visual is not None else 0
+    experts = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
+    t, v = cfg.text, cfg.vision
+    active = total - experts + experts * t.num_experts_per_tok // t.n_routed_experts
+    tab = Table(title=f"model {model}", show_header=False)
+    tab.add_column()
+    tab.add_column(justify="right")
+    rows = [
+        ("type", cfg.model_type),
+        ("parameters", f"{total / 1e9:.2f} B ({active / 1e9:.2f} B active per token)"),
+        ("bytes (bf16)", f"{total * 2 / 2**30:.1f} GiB"),
+        ("vision parameters", f"{vision / 1e9:.3f} B"),
+        ("decoder layers", f"{t.num_hidden_layers} ({t.first_k_dense_replace} dense)"),
+        ("heads (q / kv) x head_dim", f"{t.num_attention_heads} / {t.num_key_value_heads} x {t.head_dim}"),
+        ("routed experts", f"{t.n_routed_experts}, top-{t.num_experts_per_tok}, {t.n_shared_experts} shared"),
+        ("QK norm", str(t.use_qk_norm)),
+    ]
+    if v is not None:
+        rows.append(("vision", f"{v.depth} blocks, hidden {v.hidden_size}, patch {v.patch_size}"))
+    for row in rows:
+        tab.add_row(*row)
+    return tab

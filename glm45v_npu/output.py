@@ -1,0 +1,78 @@
+"""GLM-4.5V answers: `<think>reasoning</think>` then the answer, final answers and grounding boxes wrapped in
+`<|begin_of_box|>...<|end_of_box|>`. Evaluations that forget to unwrap the box score near chance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
+MARKERS = (THINK_OPEN, THINK_CLOSE, BOX_OPEN, BOX_CLOSE)
+
+
+@dataclass
+class ParsedAnswer:
+    raw: str
+    reasoning: str = ""
+    answer: str = ""
+    boxes: list[str] = field(default_factory=list)
+
+
+def parse_answer(raw: str) -> ParsedAnswer:
+    out = ParsedAnswer(raw)
+    kinds = {"reasoning": [], "answer": [], "box": []}
+    for kind, text in _segments(raw):
+        kinds[kind].append(text)
+        if kind == "box":
+            kinds["answer"].append(text)
+    out.reasoning = "".join(kinds["reasoning"]).strip()
+    out.answer = "".join(kinds["answer"]).strip()
+    out.boxes = [b.strip() for b in _boxes(raw)]
+    return out
+
+
+def _segments(raw: str) -> list[tuple[str, str]]:
+    # An answer that closes a think block it never opened had its <think> pre-filled by the template.
+    s = StreamSplitter(in_think=THINK_CLOSE in raw and THINK_OPEN not in raw.split(THINK_CLOSE)[0])
+    return s.feed(raw) + s.flush()
+
+
+def _boxes(raw: str) -> list[str]:
+    return [chunk.partition(BOX_CLOSE)[0] for chunk in raw.split(BOX_OPEN)[1:]]
+
+
+class StreamSplitter:
+    """Splits streamed text into ("reasoning" | "answer" | "box", text) pieces as it arrives; a marker split
+    across two deltas is held back until it is complete."""
+
+    def __init__(self, in_think: bool = False):
+        self.in_think, self.in_box = in_think, False
+        self.pending = ""
+
+    def _kind(self) -> str:
+        return "reasoning" if self.in_think else "box" if self.in_box else "answer"
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.pending += text
+        out: list[tuple[str, str]] = []
+        while self.pending:
+            hits = [(self.pending.find(m), m) for m in MARKERS if m in self.pending]
+            if hits:
+                i, marker = min(hits)
+                if i:
+                    out.append((self._kind(), self.pending[:i]))
+                self.pending = self.pending[i + len(marker) :]
+                self.in_think = {THINK_OPEN: True, THINK_CLOSE: False}.get(marker, self.in_think)
+                self.in_box = {BOX_OPEN: True, BOX_CLOSE: False}.get(marker, self.in_box)
+                continue
+            keep = max((k for m in MARKERS for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
+            emit = self.pending[: len(self.pending) - keep]
+            if emit:
+                out.append((self._kind(), emit))
+            self.pending = self.pending[len(emit) :]
+            break
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        rest, self.pending = self.pending, ""
+        return [(self._kind(), rest)] if rest else []

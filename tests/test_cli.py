@@ -1,0 +1,151 @@
+"""The real glm45v command, driven as a user would: subprocesses on the tiny-random model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import random_image
+
+BIN = Path(sys.executable).with_name("glm45v")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ, GLM45V_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1")
+    subprocess.run([str(BIN), "info", "--model", "tiny-random"], env=e, check=True, capture_output=True)
+    return e
+
+
+def glm45v(env, *args, stdin=None, timeout=300):
+    return subprocess.run([str(BIN), *map(str, args)], env=env, input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    for i, (w, h) in enumerate([(120, 80), (40, 90), (64, 64), (25, 30), (200, 50)]):
+        random_image(w, h, i).save(d / f"good{i}.png")
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.jpg").write_text("this is not an image\n")
+    return d
+
+
+def test_chat_one_shot_with_image(env, images):
+    r = glm45v(env, "chat", "-p", "what is in the picture?", "--image", images / "good0.png", "--max-tokens", 12,
+               "--seed", 0)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+    assert "random" in r.stderr  # the tiny-random banner
+
+
+def test_chat_json(env, images):
+    r = glm45v(env, "chat", "-p", "hi", "--json", "--max-tokens", 6, "--temperature", 0, "--no-think")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["finish_reason"] in ("stop", "length") and 1 <= result["completion_tokens"] <= 6
+    assert {"answer", "reasoning", "boxes", "raw", "prompt_tokens"} <= set(result)
+
+
+def test_chat_interactive_commands(env, images):
+    script = f"hello\n/image {images / 'good1.png'}\ndescribe it\n/reset\n/image {images / 'missing.png'}\n/exit\n"
+    r = glm45v(env, "chat", "--max-tokens", 5, "--temperature", 0, "--json", stdin=script)
+    assert r.returncode == 0, r.stderr
+    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(turns) == 2
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 4  # history + the image's tokens
+    assert "attached" in r.stderr and "history cleared" in r.stderr and "missing.png: no such file" in r.stderr
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_caption_folder_with_bad_files_and_resume(env, images, tmp_path):
+    out = tmp_path / "c.jsonl"
+    r = glm45v(env, "caption", images, "--out", out, "--max-tokens", 6, "--batch", 3)
+    assert r.returncode == 0, r.stderr
+    rows = _lines(out)
+    good = [x for x in rows if "answer" in x]
+    bad = {Path(x["path"]).name: x["error"] for x in rows if "error" in x}
+    assert len(good) == 5 and all(x["completion_tokens"] >= 1 and "seconds" in x for x in good)
+    assert set(bad) == {"corrupt.jpg", "empty.png", "notes.jpg"}
+    assert all(name in msg for name, msg in bad.items())
+    again = glm45v(env, "caption", images, "--out", out, "--max-tokens", 6)
+    assert again.returncode == 0 and _lines(out) == rows
+
+
+def test_caption_interrupted_then_resumed(env, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(24):
+        random_image(60 + i, 50, 100 + i).save(d / f"{i:02d}.png")
+    out = tmp_path / "c.jsonl"
+    args = [str(BIN), "caption", str(d), "--out", str(out), "--max-tokens", 400, "--batch", 1, "--temperature", 0]
+    proc = subprocess.Popen(list(map(str, args)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    first = _lines(out)  # every line parses
+    assert 2 <= len(first) < 24
+    r = glm45v(env, "caption", d, "--out", out, "--max-tokens", 400, "--batch", 4, "--temperature", 0)
+    assert r.returncode == 0, r.stderr
+    paths = [x["path"] for x in _lines(out)]
+    assert len(paths) == 24 and len(set(paths)) == 24
+
+
+def test_bench_json_tiny_random(env):
+    r = glm45v(env, "bench", "--batch", 3, "--input-len", 12, "--output-len", 5, "--images", 1, "--image-size",
+               "56x56", "--json")
+    assert r.returncode == 0, r.stderr
+    _check_metrics(json.loads(r.stdout))
+
+
+def test_bench_json_real_config_dummy_weights(env):
+    r = glm45v(env, "bench", "--model", "glm-4.5v", "--load-format", "dummy", "--num-layers", 2, "--batch", 2,
+               "--input-len", 8, "--output-len", 3, "--dtype", "bfloat16", "--kv-cache-gib", 0.05, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    _check_metrics(result)
+    assert result["model"].endswith("glm-4.5v/config.json")
+
+
+def _check_metrics(m):
+    for key in ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_tokens"):
+        assert isinstance(m[key], (int, float)) and m[key] > 0, key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "-p", "x", "--model", "/no/such/model"], "no such folder"),
+    (["chat", "-p", "x", "--model", "{empty}"], "has no config.json"),
+    (["chat", "-p", "x", "--image", "/no/such.png"], "/no/such.png: no such file"),
+    (["caption", "{images}", "--out", "{tmp}/x.jsonl", "--batch", "0"], "--batch 0"),
+    (["chat", "-p", "x", "--temperature", "-1"], "--temperature -1"),
+    (["bench", "--batch", "0"], "--batch 0"),
+])
+def test_user_mistakes_give_one_line_and_exit_2(env, images, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", images=images, tmp=tmp_path) for a in args]
+    r = glm45v(env, *args)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_info_shows_kernel_paths_and_model(env):
+    r = glm45v(env, "info", "--model", "glm-4.5v")
+    assert r.returncode == 0, r.stderr
+    for text in ("torch", "split_qkv_rmsnorm_rope", "fused_moe", "107.7", "46 (1 dense)"):
+        assert text in r.stdout
