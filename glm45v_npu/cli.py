@@ -193,11 +193,19 @@ def bench(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    roofline: Annotated[bool, typer.Option(help="decode step at batch 1 and --batch vs its byte floor and vs "
+                                                "transformers (dummy weights, --num-layers, default 4)")] = False,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
     from .bench import parse_size, run_bench
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
+    if roofline:
+        from . import roofline as rl
+
+        result = rl.roofline(model, num_layers or 4, tuple(sorted({1, batch})), input_len, device, dtype)
+        print(json.dumps(result)) if as_json else out.print(rl.table(result))
+        return
     require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
     require(images >= 0, f"--images {images}: must be >= 0")
     size = parse_size(image_size)

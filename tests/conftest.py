@@ -1,9 +1,16 @@
-import pytest
+import os
+
 import torch
 
-from glm45v_npu.config import load_config
-from glm45v_npu.model.glm4v_moe import load_model
-from tests.tiny import VL_VARIANTS, make_text_checkpoint, make_vl_checkpoint
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from glm45v_npu.config import load_config  # noqa: E402
+from glm45v_npu.model.glm4v_moe import load_model  # noqa: E402
+from tests.tiny import VL_VARIANTS, make_text_checkpoint, make_vl_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -201,3 +201,36 @@ def test_seeded_sampling_reproduces_across_batches(vl):
                                                  SamplingParams(max_tokens=3, temperature=0)])[1].token_ids
     assert alone == crowded
     assert llm.generate([req], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=6))[0].token_ids != alone
+
+
+@pytest.fixture()
+def triton_kernels(monkeypatch):
+    """Force every op onto the Triton kernels (the interpreter on a CPU), the fused decode path included."""
+    from glm45v_npu.kernels import ops
+
+    monkeypatch.setenv("GLM45V_KERNELS", "triton")
+    monkeypatch.setattr(ops, "_cache", {})
+    calls = []
+    real = ops._triton_impls
+
+    def counting():
+        impls = real()
+        return {name: (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(fn, name)
+                for name, fn in impls.items()}
+
+    monkeypatch.setattr(ops, "_triton_impls", counting)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def text_plain(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine-text-plain")
+    return path, make_text_checkpoint(path, "no-qk-norm", seed=13)
+
+
+@pytest.mark.parametrize("which", ["vl", "text_qk", "text_plain"])
+def test_greedy_parity_with_fused_decode_kernels(request, triton_kernels, which):
+    path, ref = request.getfixturevalue(which)
+    requests = _requests(n_text_only=2, with_images=which == "vl")[:4]
+    _check_parity(path, ref, requests, max_tokens=6, kv_cache_gib=0.001, max_num_batched_tokens=24)
+    assert {"split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe"} <= set(triton_kernels)

@@ -19,13 +19,128 @@ def fused_moe_torch(
     token_of = order // K
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
     xs = x[token_of]
-    out = torch.empty(T * K, w2.shape[1], dtype=torch.float32, device=x.device)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    out = torch.empty(T * K, w2.shape[1], dtype=wide, device=x.device)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         gate, up = F.linear(xs[start : start + n], w13[e]).chunk(2, dim=-1)
-        out[start : start + n] = F.linear(F.silu(gate) * up, w2[e]).float()
+        out[start : start + n] = F.linear(F.silu(gate) * up, w2[e]).to(wide)
         start += n
-    out *= topk_weights.flatten()[order, None].float()
-    return torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+    out *= topk_weights.flatten()[order, None].to(wide)
+    return torch.zeros(T, w2.shape[1], dtype=wide, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+
+
+# --- Triton ---------------------------------------------------------------------------------------------------
+# (token, k) pairs are sorted by expert on the device and each expert's run padded to BLOCK_M rows, without a
+# host sync (the grid is sized for the worst case and empty tiles exit). Kernel 1: one tile of rows of one expert
+# times its gate and up columns, SwiGLU. Kernel 2: times down, scaled by the routing weight. Then a sum over k.
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ._triton import dot_mode
+    from ._triton import mma as _dot
+except ImportError:
+    triton = None
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> rows [TK + E*(block_m-1)] (index into the flat (token, k) pairs, TK = padding) and the expert of each
+    block_m-row tile (-1 = unused tile)."""
+    flat = topk_ids.flatten()
+    tk = flat.numel()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = flat.argsort(stable=True)
+    expert_sorted = flat[order]
+    first = counts.cumsum(0) - counts
+    rank = torch.arange(tk, device=flat.device) - first[expert_sorted]
+    capacity = tk + num_experts * (block_m - 1)
+    rows = torch.full((capacity,), tk, dtype=torch.int64, device=flat.device)
+    rows[starts[expert_sorted] + rank] = order
+    tile_start = torch.arange(0, capacity, block_m, device=flat.device)
+    tile_expert = torch.searchsorted(ends, tile_start, right=True)
+    tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1)
+    return rows, tile_expert
+
+
+if triton is not None:
+
+
+    @triton.jit
+    def _gate_up_kernel(x, w13, rows, tile_expert, h, TK, H, INTER, K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        tile = tl.program_id(0)
+        nb = tl.program_id(1)
+        e = tl.load(tile_expert + tile)
+        if e < 0:
+            return
+        r = tl.load(rows + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        rm = r < TK
+        tok = r // K
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < INTER
+        gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_e = w13 + e.to(tl.int64) * (2 * INTER * H)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < H
+            a = tl.load(x + tok[:, None] * H + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            wg = tl.load(w_e + n[None, :] * H + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
+            wu = tl.load(w_e + (n[None, :] + INTER) * H + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
+            gate += _dot(a, wg, DOT)
+            up += _dot(a, wu, DOT)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(h + r[:, None] * INTER + n[None, :], act.to(h.dtype.element_ty), mask=rm[:, None] & nm[None, :])
+
+    @triton.jit
+    def _down_kernel(h, w2, rows, tile_expert, weights, y, TK, H, INTER,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        tile = tl.program_id(0)
+        nb = tl.program_id(1)
+        e = tl.load(tile_expert + tile)
+        if e < 0:
+            return
+        r = tl.load(rows + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        rm = r < TK
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nm = n < H
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        w_e = w2 + e.to(tl.int64) * (H * INTER)
+        for k0 in range(0, INTER, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < INTER
+            a = tl.load(h + r[:, None] * INTER + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_e + n[None, :] * INTER + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
+            acc += _dot(a, w, DOT)
+        wt = tl.load(weights + r, mask=rm, other=0.0).to(tl.float32)
+        tl.store(y + r[:, None] * H + n[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
+
+
+def fused_moe_triton(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    T, K = topk_ids.shape
+    E, two_i, H = w13.shape
+    inter = two_i // 2
+    block_m = 16
+    rows, tile_expert = align_by_expert(topk_ids, E, block_m)
+    tk = T * K
+    x = x.contiguous()
+    h = torch.empty(tk, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(tk, H, dtype=torch.float32, device=x.device)
+    ieee = dot_mode(x.dtype)
+    tiles = tile_expert.numel()
+    bn, bk = 64, 64
+    _gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
+        x, w13, rows, tile_expert, h, tk, H, inter, K=K, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT=ieee)
+    _down_kernel[(tiles, triton.cdiv(H, bn))](
+        h, w2, rows, tile_expert, topk_weights.float().contiguous(), y, tk, H, inter,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT=ieee)
+    return y.view(T, K, H).sum(1).to(x.dtype)

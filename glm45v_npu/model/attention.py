@@ -7,8 +7,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..context import ForwardContext
-from ..kernels.kv_cache import store_kv_torch
-from ..kernels.paged_attention import paged_attention_torch
+from ..kernels import ops
 from ..kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 from .layers import Linear, RMSNorm
 
@@ -29,9 +28,10 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        T = x.shape[0]
+        T, dev = x.shape[0], x.device
         norm = self.qk_norm_eps is not None
-        q, k, v = split_qkv_rmsnorm_rope_torch(
+        split = ops.impl("split_qkv_rmsnorm_rope", dev) if ops.fused_decode(ctx, dev) else split_qkv_rmsnorm_rope_torch
+        q, k, v = split(
             self.qkv_proj(x), sin, cos, self.q_size, self.kv_size, self.head_dim,
             self.qk_norm_eps,
             self.q_norm.weight if norm else None,
@@ -39,6 +39,7 @@ class Attention(nn.Module):
         )
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        store_kv_torch(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        o = paged_attention_torch(q.view(T, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx, self.scale)
+        ops.impl("store_kv", dev)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = ops.impl("paged_attention", dev)(
+            q.view(T, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))

@@ -37,10 +37,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, rotary_dim]; rotates the first rotary_dim lanes in fp32."""
+    """x [T, heads, head_dim]; cos/sin [T, rotary_dim]; rotates the first rotary_dim lanes in fp32 (or wider)."""
     rd = cos.shape[-1]
-    rot = x[..., :rd].float()
-    c, s = cos[:, None, :].float(), sin[:, None, :].float()
+    wide = torch.promote_types(x.dtype, torch.float32)
+    rot = x[..., :rd].to(wide)
+    c, s = cos[:, None, :].to(wide), sin[:, None, :].to(wide)
     out = (rot * c + rotate_half(rot) * s).to(x.dtype)
     return torch.cat([out, x[..., rd:]], dim=-1) if rd < x.shape[-1] else out
 

@@ -1,0 +1,170 @@
+"""Decode step time against its memory-bandwidth floor, and against transformers on the same config.
+
+Real GLM-4.5V shapes with dummy weights and N decoder layers. The floor is the bytes one decode step must read
+(attention, the dense MLP, shared experts, routers, lm_head, the expected number of distinct routed experts for
+the batch, and the KV cache) over the device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from . import platform
+from .config import ModelConfig, load_config
+from .context import ForwardContext
+from .engine.runner import ModelRunner
+from .hub import resolve_model
+from .model.glm4v_moe import build_model
+from .model.loader import init_dummy_weights
+
+
+def truncated_config(model: str, num_layers: int) -> ModelConfig:
+    path, _ = resolve_model(model)
+    cfg = load_config(path)
+    text = dataclasses.replace(cfg.text, num_hidden_layers=num_layers,
+                               first_k_dense_replace=min(cfg.text.first_k_dense_replace, num_layers))
+    return dataclasses.replace(cfg, text=text)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    if device.type == "cpu":
+        nbytes = 2**27
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    platform.synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        platform.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2) -> dict[str, float]:
+    t = cfg.text
+    h, layers = t.hidden_size, t.num_hidden_layers
+    attn = (h * (t.q_size + 2 * t.kv_size) + t.q_size * h) * itemsize
+    dense_layers = min(t.first_k_dense_replace, layers)
+    moe_layers = layers - dense_layers
+    expert = 3 * h * t.moe_intermediate_size * itemsize
+    E, K = t.n_routed_experts, t.num_experts_per_tok
+    distinct = E * (1 - (1 - K / E) ** batch)  # expected distinct experts hit by `batch` tokens
+    parts = {
+        "attention": layers * attn,
+        "dense mlp": dense_layers * 3 * h * t.intermediate_size * itemsize,
+        "shared experts": moe_layers * t.n_shared_experts * expert,
+        "routers": moe_layers * E * h * 4,
+        "routed experts": moe_layers * distinct * expert,
+        "lm_head": t.vocab_size * h * itemsize,
+        "kv cache": batch * context * layers * 2 * t.kv_size * itemsize,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@torch.inference_mode()
+def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: torch.device, steps: int = 20,
+                  block_size: int = 16) -> float:
+    blocks_per_seq = -(-(context + 1) // block_size)
+    ModelRunner(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    ctx = ForwardContext.build([1] * batch, [context + 1] * batch, tables, block_size, device)
+    ids = torch.randint(0, cfg.text.vocab_size, (batch,), device=device)
+    positions = torch.full((3, batch), context, device=device)
+
+    def step():
+        model.logits(model(model.embed(ids), positions, ctx)).argmax(-1)
+
+    for _ in range(3):
+        step()
+    platform.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    platform.synchronize(device)
+    elapsed = (time.perf_counter() - t) / steps
+    for attn in model.attention_layers():
+        attn.k_cache = attn.v_cache = torch.empty(0)
+    return elapsed
+
+
+@torch.inference_mode()
+def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, device: torch.device,
+                           dtype: torch.dtype, new_tokens: int = 8) -> float:
+    """Per-token decode time of transformers' generate (greedy, static prompt), same config and layer count."""
+    from transformers import AutoConfig, GenerationConfig, Glm4vMoeForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(cfg_path)
+    config.text_config.num_hidden_layers = num_layers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Glm4vMoeForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    ids = torch.randint(0, min(config.text_config.vocab_size, config.image_start_token_id), (batch, context), device=device)
+
+    def run(n: int) -> float:
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        platform.synchronize(device)
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        platform.synchronize(device)
+        return time.perf_counter() - t
+
+    run(2)
+    one = run(1)
+    return (run(1 + new_tokens) - one) / new_tokens
+
+
+def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, ...] = (1, 32), context: int = 512,
+             device: str | None = None, dtype: str | None = "bfloat16", compare_transformers: bool = True) -> dict:
+    dev = platform.pick_device(device)
+    dt = platform.pick_dtype(dtype, dev)
+    cfg = truncated_config(model, num_layers)
+    ours = build_model(cfg, dt, dev)
+    init_dummy_weights(ours)
+    bandwidth = copy_bandwidth(dev)
+    rows = []
+    for batch in batches:
+        step = our_step_time(ours, cfg, batch, context, dev)
+        floor_bytes = step_bytes(cfg, batch, context, dt.itemsize)["total"]
+        row = {"batch": batch, "step_s": step, "floor_bytes": floor_bytes, "floor_s": floor_bytes / bandwidth,
+               "ratio_to_floor": step / (floor_bytes / bandwidth)}
+        rows.append(row)
+    del ours
+    if dev.type != "cpu":
+        platform.device_module(dev).empty_cache()
+    if compare_transformers:
+        path, _ = resolve_model(model)
+        for row in rows:
+            hf = transformers_step_time(path, num_layers, row["batch"], context, dev, dt)
+            row["transformers_step_s"] = hf
+            row["speedup_vs_transformers"] = hf / row["step_s"]
+    return {"model": model, "num_layers": num_layers, "context": context, "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
+            "dtype": str(dt).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
+            "kernels": __import__("glm45v_npu.kernels.ops", fromlist=["describe"]).describe(dev)}
+
+
+def table(result: dict):
+    from rich.table import Table
+
+    t = Table(title=f"decode roofline: {result['model']}, {result['num_layers']} layers, context {result['context']},"
+              f" {result['device_name']} {result['dtype']}, copy bandwidth "
+              f"{result['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
+    for col in ("batch", "step", "floor", "step / floor", "transformers step", "speed-up"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        hf = r.get("transformers_step_s")
+        t.add_row(str(r["batch"]), f"{r['step_s'] * 1e3:.2f} ms", f"{r['floor_s'] * 1e3:.2f} ms",
+                  f"{r['ratio_to_floor']:.2f}x", f"{hf * 1e3:.1f} ms" if hf else "-",
+                  f"{r['speedup_vs_transformers']:.1f}x" if hf else "-")
+    return t

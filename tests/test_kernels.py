@@ -1,0 +1,122 @@
+"""Every Triton kernel against its torch twin run in float64 (CPU: Triton's interpreter; GPU: compiled)."""
+
+import pytest
+import torch
+
+from glm45v_npu.context import ForwardContext
+from glm45v_npu.kernels.fused_moe import fused_moe_torch, fused_moe_triton
+from glm45v_npu.kernels.kv_cache import store_kv_torch, store_kv_triton
+from glm45v_npu.kernels.paged_attention import paged_attention_torch, paged_attention_triton
+from glm45v_npu.kernels.split_qkv_rmsnorm_rope import (
+    split_qkv_rmsnorm_rope_torch,
+    split_qkv_rmsnorm_rope_triton,
+)
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _f64(xs):
+    return [x.double().cpu() if torch.is_tensor(x) else x for x in xs]
+
+
+def _close(got, want, dtype):
+    got, want = got.double().cpu(), want.double()
+    assert (got - want).abs().max() <= TOL[dtype] * max(1.0, float(want.abs().max())), float((got - want).abs().max())
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, bias", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("T, nq, nkv, hd, rd", [
+    (1, 12, 1, 16, 8),      # GQA 12 (GLM-4.5V split 8 ways), half rotary
+    (5, 6, 2, 32, 32),      # GQA 3, full rotary
+    (33, 4, 4, 64, 16),     # MHA, quarter rotary
+    (3, 96 // 8, 1, 128, 64),  # GLM-4.5V per-rank shapes
+])
+def test_split_qkv_rmsnorm_rope(dtype, norm, bias, T, nq, nkv, hd, rd):
+    qkv = _rand(T, (nq + 2 * nkv) * hd, dtype=dtype, scale=2.0)
+    angles = _rand(T, rd // 2, scale=3.0, seed=1).float()
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    args = [1e-5 if norm else None, _rand(hd, dtype=dtype, seed=2) if norm else None,
+            _rand(hd, dtype=dtype, seed=3) if norm else None, _rand(hd, dtype=dtype, seed=4) if bias else None,
+            _rand(hd, dtype=dtype, seed=5) if bias else None]
+    got = split_qkv_rmsnorm_rope_triton(qkv, sin, cos, nq * hd, nkv * hd, hd, *args)
+    want = split_qkv_rmsnorm_rope_torch(*_f64([qkv, sin, cos]), nq * hd, nkv * hd, hd, *_f64(args))
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and g.dtype == dtype
+        _close(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_store_kv_skips_padding_slots(dtype, block_size):
+    T, nkv, hd, blocks = 9, 2, 16, 12
+    k, v = _rand(T, nkv, hd, dtype=dtype), _rand(T, nkv, hd, dtype=dtype, seed=1)
+    slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(0))[:T]
+    slots[[2, 7]] = -1
+    slots = slots.to(DEV)
+    caches = [torch.full((blocks, block_size, nkv, hd), 7.0, dtype=dtype, device=DEV) for _ in range(4)]
+    store_kv_triton(k, v, caches[0], caches[1], slots)
+    store_kv_torch(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert (caches[0] == 7.0).sum() == (blocks * block_size - 7) * nkv * hd
+
+
+def _paged_case(q_lens, ctx_lens, nq, nkv, hd, bs, dtype, seed=0):
+    num_blocks = sum(-(-c // bs) for c in ctx_lens) + 3
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = []
+    for c in ctx_lens:
+        n = -(-c // bs)
+        tables.append(perm[:n])
+        perm = perm[n:]
+    ctx = ForwardContext.build(q_lens, ctx_lens, tables, bs, DEV)
+    kc = _rand(num_blocks, bs, nkv, hd, dtype=dtype, seed=seed + 1)
+    vc = _rand(num_blocks, bs, nkv, hd, dtype=dtype, seed=seed + 2)
+    q = _rand(sum(q_lens), nq, hd, dtype=dtype, seed=seed + 3)
+    got = paged_attention_triton(q, kc, vc, ctx, hd**-0.5)
+    ctx64 = ForwardContext.build(q_lens, ctx_lens, tables, bs, "cpu")
+    want = paged_attention_torch(*_f64([q, kc, vc]), ctx64, hd**-0.5)
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq, nkv", [(4, 4), (6, 2), (12, 1), (24, 2)])
+@pytest.mark.parametrize("bs", [4, 16])
+def test_paged_decode_attention(dtype, nq, nkv, bs):
+    # contexts across block boundaries, and long enough for several split-K programs (256 keys each)
+    _paged_case([1] * 5, [1, bs, bs + 1, 300, 777], nq, nkv, 32, bs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq, nkv, hd", [(4, 4, 16), (6, 2, 32), (12, 1, 64)])
+@pytest.mark.parametrize("bs", [4, 16])
+def test_prefill_attention_with_cached_prefix(dtype, nq, nkv, hd, bs):
+    # fresh prompt, prompt after a cached prefix, a chunk inside a long prompt, and a decode row in the batch
+    _paged_case([7, 20, 33, 1], [7, 29, 70, 12], nq, nkv, hd, bs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, E, K, H, inter", [
+    (1, 8, 2, 48, 24),     # one token: most experts get none
+    (13, 6, 3, 64, 16),
+    (40, 16, 4, 96, 40),   # dims that are not tile multiples
+    (5, 128, 8, 64, 32),   # GLM-4.5V's expert count and top-k
+])
+def test_fused_moe(dtype, T, E, K, H, inter):
+    x = _rand(T, H, dtype=dtype)
+    w13 = _rand(E, 2 * inter, H, dtype=dtype, scale=H**-0.5, seed=1)
+    w2 = _rand(E, H, inter, dtype=dtype, scale=inter**-0.5, seed=2)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(DEV)
+    ids[ids == 0] = 1  # expert 0 never chosen: an expert with no tokens
+    weights = torch.rand(T, K, generator=g).to(DEV)
+    got = fused_moe_triton(x, w13, w2, weights, ids)
+    want = fused_moe_torch(*_f64([x, w13, w2, weights]), ids.cpu())
+    assert got.dtype == dtype
+    _close(got, want, dtype)
