@@ -22,6 +22,9 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="checkpoint folder,
                                        "built-in config ('glm-4.5v', with --load-format dummy)")]
 DeviceOpt = Annotated[str | None, typer.Option(help="npu, cuda or cpu (default: the first available)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="bfloat16, float16 or float32 (default: bf16, fp32 on cpu)")]
+TPOpt = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="devices (processes) to split over")]
+TPExpertsOpt = Annotated[bool, typer.Option("--tp-experts", help="split every expert across devices instead of "
+                                            "giving each device whole experts")]
 
 
 def friendly(fn):
@@ -48,12 +51,13 @@ def _banner(model: str) -> None:
         err.print("[yellow]tiny-random: a tiny model with random weights; its answers are random.[/yellow]")
 
 
-def _llm(model: str, device, dtype, **kwargs):
+def _llm(model: str, device, dtype, tp: int = 1, tp_experts: bool = False, **kwargs):
     from .llm import LLM
 
     _banner(model)
     with err.status(f"loading {model}"):
-        llm = LLM(model, device=device, dtype=dtype, **kwargs)
+        llm = LLM(model, device=device, dtype=dtype, tensor_parallel_size=tp, expert_parallel=not tp_experts,
+                  **kwargs)
     err.print(f"[dim]{llm.cfg.model_type} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}), KV cache "
               f"{llm.blocks.num_blocks} blocks x {llm.block_size} = {llm.capacity_tokens} tokens[/dim]")
     return llm
@@ -78,6 +82,8 @@ def chat(
     max_pixels: int | None = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    tp_experts: TPExpertsOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable result")] = False,
 ) -> None:
     """Chat with images, streaming the answer."""
@@ -88,7 +94,7 @@ def chat(
     require(temperature >= 0, f"--temperature {temperature}: must be >= 0")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     pending = [open_image(p) for p in image or []]  # fail on a bad image before loading the model
-    llm = _llm(model, device, dtype, max_pixels=max_pixels)
+    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, max_pixels=max_pixels)
     history: list[dict] = []
     thinking = False if no_think else None
 
@@ -192,6 +198,8 @@ def bench(
     max_num_batched_tokens: int = 4096,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    tp_experts: TPExpertsOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     roofline: Annotated[bool, typer.Option(help="decode step at batch 1 and --batch vs its byte floor and vs "
                                                 "transformers (dummy weights, --num-layers, default 4)")] = False,
@@ -209,7 +217,8 @@ def bench(
     require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
     require(images >= 0, f"--images {images}: must be >= 0")
     size = parse_size(image_size)
-    llm = _llm(model, device, dtype, load_format=load_format, num_layers=num_layers, block_size=block_size,
+    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, load_format=load_format,
+               num_layers=num_layers, block_size=block_size,
                kv_cache_gib=kv_cache_gib, max_num_seqs=max(batch, 1), max_num_batched_tokens=max_num_batched_tokens)
     result = run_bench(llm, batch, input_len, output_len, images, size)
     if as_json:
@@ -239,6 +248,8 @@ def caption(
     max_pixels: int | None = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    tensor_parallel_size: TPOpt = 1,
+    tp_experts: TPExpertsOpt = False,
 ) -> None:
     """Caption many images with continuous batching; resumable JSONL output."""
     from .caption import collect_inputs, run_caption
@@ -248,7 +259,7 @@ def caption(
     require(temperature >= 0, f"--temperature {temperature}: must be >= 0")
     paths = collect_inputs(inputs, recursive)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    llm = _llm(model, device, dtype, max_pixels=max_pixels, max_num_seqs=batch)
+    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, max_pixels=max_pixels, max_num_seqs=batch)
     code = run_caption(llm, paths, out_file, prompt, params, batch, overwrite, thinking=False if no_think else None,
                        console=err)
     raise typer.Exit(code)
@@ -259,11 +270,12 @@ def caption(
 
 @app.command()
 @friendly
-def info(model: Annotated[str | None, typer.Option("--model", "-m")] = None, device: DeviceOpt = None) -> None:
-    """Devices, backend, versions, kernel paths, and a model summary."""
+def info(model: Annotated[str | None, typer.Option("--model", "-m")] = None, device: DeviceOpt = None,
+         dtype: DtypeOpt = None, tensor_parallel_size: TPOpt = 1, tp_experts: TPExpertsOpt = False) -> None:
+    """Devices, backend, versions, kernel paths, a model summary and its per-device memory plan."""
     from .info import render_info
 
-    out.print(render_info(model, device))
+    out.print(render_info(model, device, dtype, tensor_parallel_size, not tp_experts))
 
 
 def main() -> None:

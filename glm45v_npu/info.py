@@ -24,7 +24,8 @@ def kernel_paths(device: torch.device) -> dict[str, str]:
     return ops.describe(device)
 
 
-def render_info(model: str | None, device_name: str | None) -> Group:
+def render_info(model: str | None, device_name: str | None, dtype: str | None = None, tp: int = 1,
+                expert_parallel: bool = True) -> Group:
     device = platform.pick_device(device_name)
     env = Table(title="environment", show_header=False)
     env.add_column()
@@ -43,7 +44,37 @@ def render_info(model: str | None, device_name: str | None) -> Group:
     parts = [env, ops]
     if model:
         parts.append(model_summary(model))
+        parts.append(memory_plan(model, device, platform.pick_dtype(dtype, device), tp, expert_parallel))
     return Group(*parts)
+
+
+def memory_plan(model: str, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool) -> Table:
+    """Per-device weight bytes and what is left for the KV cache, for tp devices (counted, not allocated)."""
+    from .config import load_config
+    from .distributed import Layout
+    from .hub import resolve_model
+    from .parallel import available_bytes, kv_bytes_per_token, weight_bytes_per_rank
+
+    cfg = load_config(resolve_model(model)[0])
+    layout = Layout(0, tp, expert_parallel)
+    layout.check(cfg)
+    weights = weight_bytes_per_rank(cfg, layout, dtype)
+    per_token = kv_bytes_per_token(cfg, layout, dtype)
+    have = available_bytes(device)
+    kind = "host memory available" if device.type == "cpu" else f"{device.type} memory"
+    left = have - weights * (tp if device.type == "cpu" else 1)
+    t = Table(title=f"memory plan: {tp} device(s), {'expert' if expert_parallel else 'tensor'}-parallel experts, "
+              f"{str(dtype).removeprefix('torch.')}", show_header=False)
+    t.add_column()
+    t.add_column(justify="right")
+    t.add_row("weights per device", f"{weights / 2**30:.2f} GiB")
+    t.add_row("KV cache per token per device", f"{per_token / 2**10:.1f} KiB")
+    t.add_row(kind, f"{have / 2**30:.1f} GiB")
+    if left > 0:
+        t.add_row("KV capacity (all the rest)", f"{int(left // per_token):,} tokens")
+    else:
+        t.add_row("fits", f"[red]no: {-left / 2**30:.1f} GiB short[/red]")
+    return t
 
 
 def model_summary(model: str) -> Table:

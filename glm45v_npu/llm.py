@@ -5,24 +5,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import platform
+from . import distributed, parallel, platform
 from .config import load_config
-from .context import ForwardContext
 from .detokenizer import IncrementalDetokenizer
+from .distributed import Layout
 from .engine.block_manager import BlockManager
-from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .engine.sequence import Sequence, Status
 from .errors import Glm45vError
 from .hub import resolve_model
-from .model.glm4v_moe import build_model, load_model
-from .model.loader import init_dummy_weights
 from .processor import Processor
 from .progress import ProgressBar
 from .sampling import Sampler, SamplingParams
@@ -59,12 +57,17 @@ class LLM:
         max_pixels: int | None = None,
         load_format: str = "auto",
         num_layers: int | None = None,
+        tensor_parallel_size: int = 1,
+        expert_parallel: bool = True,
+        dist_timeout_s: float = 120.0,
     ):
         path, weightless = resolve_model(model)
         if load_format not in ("auto", "dummy"):
             raise Glm45vError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
         if weightless and load_format != "dummy":
             raise Glm45vError(f"--model {model}: a built-in config has no weights; add --load-format dummy")
+        if tensor_parallel_size < 1:
+            raise Glm45vError(f"--tensor-parallel-size {tensor_parallel_size}: must be >= 1")
         self.cfg = load_config(path)
         if num_layers is not None:
             if not 1 <= num_layers <= self.cfg.text.num_hidden_layers:
@@ -72,59 +75,72 @@ class LLM:
             text = dataclasses.replace(self.cfg.text, num_hidden_layers=num_layers,
                                        first_k_dense_replace=min(self.cfg.text.first_k_dense_replace, num_layers))
             self.cfg = dataclasses.replace(self.cfg, text=text)
-        self.device = platform.pick_device(device)
+        torchrun = distributed.env_layout()
+        world = torchrun.world if torchrun else tensor_parallel_size
+        layout = Layout(torchrun.rank if torchrun else 0, world, expert_parallel)
+        layout.check(self.cfg)  # a clear error before any process starts
+        device_type = platform.pick_device(device).type
+        self.device = parallel.rank_device(device_type, layout.rank)
         self.dtype = platform.pick_dtype(dtype, self.device)
-        self.processor = Processor(path, self.cfg, max_pixels=max_pixels)
-        if load_format == "dummy":
-            self.model = build_model(self.cfg, self.dtype, self.device)
-            init_dummy_weights(self.model)
-        else:
-            self.model = load_model(path, self.cfg, self.dtype, self.device, progress=True)
+        self.weight_bytes_per_rank = parallel.check_fits(self.cfg, layout, self.dtype, self.device, memory_fraction)
         self.block_size = block_size or 16
-        self.max_num_batched_tokens = max_num_batched_tokens
-        per_block = ModelRunner.kv_bytes_per_block(self.model, self.block_size, self.dtype)
-        num_blocks = self._num_blocks(per_block, kv_cache_gib, memory_fraction)
+        spec = parallel.RankSpec(str(path), self.cfg, self.dtype, device_type, load_format, self.block_size,
+                                 kv_cache_gib, memory_fraction, max_num_batched_tokens, world, expert_parallel,
+                                 timeout_s=dist_timeout_s)
+        self.layout, self._workers, self._broken = layout, [], None
+        if world > 1:
+            spec.init_method = "env://" if torchrun else f"tcp://127.0.0.1:{distributed.free_port()}"
+            if torchrun and layout.rank > 0:  # torchrun started this process as a follower: serve, then exit
+                parallel.worker_main(layout.rank, spec)
+            if not torchrun:
+                self._workers = parallel.spawn_workers(spec)
+            if self.device.type != "cpu":
+                platform.device_module(self.device).set_device(self.device)
+            try:
+                distributed.init(layout, self.device, spec.init_method, dist_timeout_s)
+            except Exception as e:
+                self._fail(e)
+        self.processor = Processor(path, self.cfg, max_pixels=max_pixels)
+        try:
+            self.model, self.runner, num_blocks, per_block = parallel.build_rank(spec, layout, self.device,
+                                                                                progress=True)
+        except Exception as e:
+            if world > 1 and not isinstance(e, Glm45vError):
+                self._fail(e)
+            raise
         self.max_model_len = self.cfg.text.max_position_embeddings
         self.blocks = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, self.block_size, self.device, self.dtype)
         self.sampler = Sampler()
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._seqs: dict[int, Sequence] = {}
-        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", num_blocks, self.block_size,
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, world > 1)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device)", num_blocks, self.block_size,
                  num_blocks * self.block_size, num_blocks * per_block / 2**30)
 
-    def _num_blocks(self, per_block: int, kv_cache_gib: float | None, fraction: float) -> int:
-        if kv_cache_gib is not None:
-            budget = kv_cache_gib * 2**30
-        elif self.device.type == "cpu":
-            budget = 2**28  # 256 MiB: plenty for small models; pass kv_cache_gib for more
-        else:
-            total = platform.total_memory(self.device)
-            budget = total * fraction - self._profile_peak()
-        n = int(budget // per_block)
-        if n < 2:
-            raise Glm45vError(f"KV cache budget {budget / 2**30:.2f} GiB holds fewer than 2 blocks; raise kv_cache_gib")
-        return n
+    def close(self) -> None:
+        """Stop the worker ranks (if any) and leave the process group."""
+        if self._broken is None:
+            self._finalizer()
 
-    @torch.inference_mode()
-    def _profile_peak(self) -> int:
-        """Device bytes at the peak of the largest step (weights + activations): one prefill of
-        max_num_batched_tokens tokens through a throw-away cache just big enough for it."""
-        n = min(self.max_num_batched_tokens, self.cfg.text.max_position_embeddings)
-        blocks = -(-n // self.block_size)
-        runner = ModelRunner(self.model, blocks, self.block_size, self.device, self.dtype)
-        platform.reset_peak_memory(self.device)
-        ctx = ForwardContext.build([n], [n], [list(range(blocks))], self.block_size, self.device)
-        embeds = self.model.embed(torch.zeros(n, dtype=torch.long, device=self.device))
-        positions = torch.arange(n, device=self.device).expand(3, -1)
-        self.model.logits(self.model(embeds, positions, ctx)[-1:])
-        platform.synchronize(self.device)
-        peak = platform.peak_memory(self.device)
-        del runner
-        for attn in self.model.attention_layers():
-            attn.k_cache = attn.v_cache = torch.empty(0)
-        return peak
+    def _fail(self, error: Exception):
+        """A collective failed: name the rank that died (if one did) instead of a raw backend error."""
+        for _ in range(50):  # give a dying worker a moment to be reaped, so its exit code is known
+            if any(p.exitcode is not None for p in self._workers):
+                break
+            time.sleep(0.1)
+        dead = [(i + 1, p.exitcode) for i, p in enumerate(self._workers) if p.exitcode is not None]
+        for p in self._workers:
+            if p.is_alive():
+                p.kill()
+        self._broken = (
+            f"tensor-parallel rank {dead[0][0]} died (exit code {dead[0][1]}); the run cannot go on" if dead
+            else f"a tensor-parallel collective failed ({type(error).__name__}: {error}); the run cannot go on"
+        )
+        if hasattr(self, "_finalizer"):
+            self._finalizer.detach()
+        distributed.shutdown()
+        raise Glm45vError(self._broken) from None
 
     @property
     def capacity_tokens(self) -> int:
@@ -165,10 +181,27 @@ class LLM:
 
     def step(self) -> list[Sequence]:
         """One engine step; returns the sequences that received a token (finished ones included)."""
+        if self._broken:
+            raise Glm45vError(self._broken)
+        for seq_id in self.scheduler.released:
+            self.runner.forget(seq_id)
+        self.scheduler.released.clear()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        seqs, logits = self.runner.run(batch)
+        inputs, seqs = self.runner.prepare(batch)
+        try:
+            if self.layout.world > 1:
+                if any(p.exitcode is not None for p in self._workers):
+                    raise RuntimeError("a worker exited")
+                distributed.broadcast(inputs)
+            logits = self.runner.execute(inputs)
+        except Glm45vError:
+            raise
+        except Exception as e:
+            if self.layout.world > 1:
+                self._fail(e)
+            raise
         for seq in batch.seqs:
             self.blocks.register(seq)
         if not seqs:
@@ -254,3 +287,16 @@ class LLM:
             self.abort(rid)
             self.last_output = self._output(rid)
 
+
+
+def _shutdown(workers: list, multi: bool) -> None:
+    if multi:
+        try:
+            distributed.broadcast(None)
+        except Exception:  # a worker already gone: nothing to tell it
+            pass
+        for p in workers:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        distributed.shutdown()

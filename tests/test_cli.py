@@ -144,6 +144,19 @@ def test_user_mistakes_give_one_line_and_exit_2(env, images, tmp_path, args, mes
     assert "Traceback" not in r.stderr
 
 
+def test_chat_on_two_ranks(env):
+    r = glm45v(env, "chat", "-p", "hi", "--json", "--max-tokens", 4, "--temperature", 0, "--tensor-parallel-size", 2)
+    assert r.returncode == 0, r.stderr
+    single = glm45v(env, "chat", "-p", "hi", "--json", "--max-tokens", 4, "--temperature", 0)
+    assert json.loads(r.stdout)["raw"] == json.loads(single.stdout)["raw"]
+
+
+def test_info_memory_plan(env):
+    r = glm45v(env, "info", "--model", "glm-4.5v", "--tensor-parallel-size", 8, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    assert "weights per device" in r.stdout and "26.56 GiB" in r.stdout
+
+
 def test_info_shows_kernel_paths_and_model(env):
     r = glm45v(env, "info", "--model", "glm-4.5v")
     assert r.returncode == 0, r.stderr

@@ -120,3 +120,20 @@ def test_fused_moe(dtype, T, E, K, H, inter):
     want = fused_moe_torch(*_f64([x, w13, w2, weights]), ids.cpu())
     assert got.dtype == dtype
     _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_skips_other_ranks_experts(dtype):
+    """Expert-parallel ranks map other ranks' (token, k) pairs to ids >= E: both paths must skip them."""
+    T, E, K, H, inter = 9, 4, 3, 48, 24
+    x = _rand(T, H, dtype=dtype)
+    w13 = _rand(E, 2 * inter, H, dtype=dtype, scale=H**-0.5, seed=1)
+    w2 = _rand(E, H, inter, dtype=dtype, scale=inter**-0.5, seed=2)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 2 * E, (T, K), generator=g)
+    ids = torch.where(ids >= E, torch.full_like(ids, E), ids).to(DEV)
+    weights = torch.rand(T, K, generator=g).to(DEV)
+    local = ids < E
+    want = fused_moe_torch(*_f64([x, w13, w2]), (weights * local).double().cpu(), torch.where(local, ids, 0).cpu())
+    _close(fused_moe_triton(x, w13, w2, weights, ids), want, dtype)
+    _close(fused_moe_torch(x, w13, w2, weights, ids), want, dtype)

@@ -1,7 +1,13 @@
-"""Turns a scheduled batch into flat tensors (ForwardContext, embeddings, positions), runs the model, and
-returns the logits of the sequences that sample this step."""
+"""Turns a scheduled batch into flat step inputs, runs the model, and returns the logits of the sequences that
+sample this step.
+
+`prepare` (rank 0) reads the scheduler's sequences and produces a StepInputs of plain host data; `execute` (every
+rank) runs it. With several ranks, rank 0 broadcasts each StepInputs and the other ranks only ever execute.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,35 +16,39 @@ from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 
+@dataclass
+class StepInputs:
+    token_ids: list[int]
+    positions: torch.Tensor  # [3, T] on the host
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # flat index of each sampling sequence's last token
+    encode: list[tuple[int, torch.Tensor, list[tuple[int, int, int]]]] = field(default_factory=list)
+    image_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # seq, src row, dst row, count
+    release: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.model, self.block_size, self.device = model, block_size, device
-        t = model.cfg.text
-        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
-        for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.image_embeds: dict[int, torch.Tensor] = {}  # vision output per sequence until its prompt is in
+        self.encoded: set[int] = set()
+        self.pending_release: set[int] = set()
+        attn = model.attention_layers()[0]
+        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
+        for layer in model.attention_layers():
+            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-        t = model.cfg.text
-        return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * dtype.itemsize
+        attn = model.attention_layers()[0]
+        return 2 * len(model.attention_layers()) * block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
 
-    def _encode_images(self, seqs: list[Sequence]) -> None:
-        """The vision tower runs once per request, on its first chunk that still has image tokens to compute."""
-        todo = [s for s in seqs if s.images and s.image_embeds is None and s.num_computed < s.images[-1].end]
-        if not todo:
-            return
-        pixels = torch.cat([span.pixels for s in todo for span in s.images]).to(self.device)
-        grids = [span.grid for s in todo for span in s.images]
-        embeds = iter(self.model.encode_images(pixels, grids))
-        for s in todo:
-            s.image_embeds = torch.cat([next(embeds) for _ in s.images])
-
-    @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
-        self._encode_images(batch.seqs)
-        ids, pos, image_rows, image_src = [], [], [], []
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+        ids, pos, rows, encode, samplers, sample_rows = [], [], [], [], [], []
+        release = self.pending_release
         offset = 0
         for s, n in zip(batch.seqs, batch.num_new):
             lo, hi = s.num_computed, s.num_computed + n
@@ -48,33 +58,54 @@ class ModelRunner:
                 pos.append(s.positions[:, lo:p_hi])
             if hi > s.prompt_len:
                 pos.append(torch.arange(max(lo, s.prompt_len), hi).expand(3, -1) + s.delta)
+            if s.images and s.seq_id not in self.encoded and lo < s.images[-1].end:
+                # the vision tower runs once per request, on its first chunk that still has image tokens
+                encode.append((s.seq_id, torch.cat([sp.pixels for sp in s.images]), [sp.grid for sp in s.images]))
+                self.encoded.add(s.seq_id)
+                release.discard(s.seq_id)
             row = 0
             for span in s.images:
                 a, b = max(lo, span.start), min(hi, span.end)
                 if a < b:
-                    image_rows.append(torch.arange(a, b) - lo + offset)
-                    image_src.append(s.image_embeds[row + a - span.start : row + b - span.start])
+                    rows.append((s.seq_id, row + a - span.start, a - lo + offset, b - a))
                 row += span.end - span.start
             offset += n
-        tokens = torch.tensor(ids, device=self.device)
-        embeds = self.model.embed(tokens)
-        if image_rows:
-            embeds[torch.cat(image_rows).to(self.device)] = torch.cat(image_src).to(embeds.dtype)
-        positions = torch.cat(pos, dim=1).to(self.device)
-        ctx = ForwardContext.build(
-            batch.num_new, [s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
-            [s.block_table for s in batch.seqs], self.block_size, self.device,
-        )
-        hidden = self.model(embeds, positions, ctx)
-        samplers, last = [], []
-        end = 0
-        for s, n in zip(batch.seqs, batch.num_new):
-            end += n
-            s.num_computed += n
-            if s.num_computed == len(s):
+            if s.images and lo < s.images[-1].end <= hi:  # this step consumes the last image token
+                release.add(s.seq_id)
+                self.encoded.discard(s.seq_id)
+            if hi == len(s):
                 samplers.append(s)
-                last.append(end - 1)
-            if not s.in_prefill:
-                s.image_embeds = None
-        logits = self.model.logits(hidden[torch.tensor(last, device=self.device)]) if last else hidden.new_zeros(0)
-        return samplers, logits
+                sample_rows.append(offset - 1)
+        inputs = StepInputs(
+            token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
+            context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
+            block_tables=[list(s.block_table) for s in batch.seqs], sample_rows=sample_rows,
+            encode=encode, image_rows=rows, release=sorted(release),
+        )
+        self.pending_release = set()
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_computed += n
+        return inputs, samplers
+
+    def forget(self, seq_id: int) -> None:
+        """A preempted or finished sequence: drop its vision output on every rank with the next step; a
+        preempted one is encoded again when it comes back."""
+        if seq_id in self.encoded:
+            self.encoded.discard(seq_id)
+            self.pending_release.add(seq_id)
+
+    @torch.inference_mode()
+    def execute(self, inp: StepInputs) -> torch.Tensor:
+        m = self.model
+        for seq_id, pixels, grids in inp.encode:
+            self.image_embeds[seq_id] = torch.cat(m.encode_images(pixels.to(self.device), grids))
+        embeds = m.embed(torch.tensor(inp.token_ids, device=self.device))
+        for seq_id, src, dst, count in inp.image_rows:
+            embeds[dst : dst + count] = self.image_embeds[seq_id][src : src + count].to(embeds.dtype)
+        for seq_id in inp.release:
+            self.image_embeds.pop(seq_id, None)
+        ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
+        hidden = m(embeds, inp.positions.to(self.device), ctx)
+        if not inp.sample_rows:
+            return hidden.new_zeros(0)
+        return m.logits(hidden[torch.tensor(inp.sample_rows, device=self.device)])

@@ -27,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.released: list[int] = []  # preempted or finished since the last step: the runner drops their state
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -75,7 +76,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        seq.image_embeds = None
+        self.released.append(seq.seq_id)
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -88,4 +89,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
-        seq.image_embeds = None
+        self.released.append(seq.seq_id)

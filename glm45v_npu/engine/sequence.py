@@ -47,7 +47,6 @@ class Sequence:
     num_cached: int = 0  # of those, how many came from the prefix cache at the last admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
-    image_embeds: torch.Tensor | None = None  # vision output, kept until the prompt is consumed
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)

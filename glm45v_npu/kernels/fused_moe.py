@@ -12,15 +12,17 @@ import torch.nn.functional as F
 def fused_moe_torch(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_* [T, K] -> [T, H]."""
+    """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_* [T, K] -> [T, H].
+    Pairs whose expert id is E or more belong to another rank and are skipped."""
     T, K = topk_ids.shape
+    E = w13.shape[0]
     flat = topk_ids.flatten()
     order = flat.argsort(stable=True)
     token_of = order // K
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat.clamp(max=E), minlength=E).tolist()[:E]
     xs = x[token_of]
     wide = torch.promote_types(x.dtype, torch.float32)
-    out = torch.empty(T * K, w2.shape[1], dtype=wide, device=x.device)
+    out = torch.zeros(T * K, w2.shape[1], dtype=wide, device=x.device)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -50,19 +52,21 @@ except ImportError:
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> rows [TK + E*(block_m-1)] (index into the flat (token, k) pairs, TK = padding) and the expert of each
     block_m-row tile (-1 = unused tile)."""
-    flat = topk_ids.flatten()
+    flat = topk_ids.flatten().clamp(max=num_experts)  # ids >= num_experts: another rank's, never placed
     tk = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     starts = ends - padded
     order = flat.argsort(stable=True)
     expert_sorted = flat[order]
+    keep = expert_sorted < num_experts
+    e_kept = expert_sorted[keep]
     first = counts.cumsum(0) - counts
-    rank = torch.arange(tk, device=flat.device) - first[expert_sorted]
+    rank = torch.arange(int(keep.numel()), device=flat.device)[keep] - first[e_kept]
     capacity = tk + num_experts * (block_m - 1)
     rows = torch.full((capacity,), tk, dtype=torch.int64, device=flat.device)
-    rows[starts[expert_sorted] + rank] = order
+    rows[starts[e_kept] + rank] = order[keep]
     tile_start = torch.arange(0, capacity, block_m, device=flat.device)
     tile_expert = torch.searchsorted(ends, tile_start, right=True)
     tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1)
@@ -134,7 +138,7 @@ def fused_moe_triton(
     tk = T * K
     x = x.contiguous()
     h = torch.empty(tk, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(tk, H, dtype=torch.float32, device=x.device)
+    y = torch.zeros(tk, H, dtype=torch.float32, device=x.device)  # rows of other ranks' experts stay 0
     ieee = dot_mode(x.dtype)
     tiles = tile_expert.numel()
     bn, bk = 64, 64

@@ -7,19 +7,24 @@ from torch import nn
 
 from ..config import TextConfig
 from ..context import ForwardContext
+from ..distributed import SINGLE, Layout
 from ..kernels import ops
 from ..kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 from .layers import Linear, RMSNorm
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """This rank's heads; forward returns the o_proj partial sum (the decoder layer all-reduces it)."""
+
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        _, self.num_heads = layout.even(cfg.num_attention_heads, "num_attention_heads", source)
+        _, self.num_kv_heads = layout.kv_heads(cfg.num_key_value_heads, source)
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.qk_norm_eps = cfg.rms_norm_eps if cfg.use_qk_norm else None
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..context import ForwardContext
+from ..distributed import SINGLE, Layout, all_reduce
 from .attention import Attention
 from .layers import Embedding, RMSNorm, SwiGLU
 from .moe import MoE
@@ -14,25 +15,31 @@ from .rope import MRotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int):
+    """Attention and MLP each return this rank's partial sum; one all-reduce each makes them whole."""
+
+    def __init__(self, cfg: TextConfig, layer: int, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layout, source)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(cfg, layout, source)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, layout.even(cfg.intermediate_size, "intermediate_size", source)[1])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
+        return x + all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        start, rows = layout.vocab(cfg.vocab_size)
+        self.embed_tokens = Embedding(rows, cfg.hidden_size, start, partial=layout.world > 1)
         self.rotary = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, layout, source) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -9,18 +9,22 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..context import ForwardContext
+from ..distributed import SINGLE, Layout, all_gather_last, all_reduce
 from .decoder import TextModel
 from .layers import Linear
 from .vision import VisionTower
 
 
 class Glm4vMoe(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """On several ranks: this rank's slice of the text model and lm_head; the vision tower is replicated."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        layout.check(cfg)
+        self.cfg, self.layout = cfg, layout
         self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
-        self.language_model = TextModel(cfg.text)
-        self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size)
+        self.language_model = TextModel(cfg.text, layout, cfg.source)
+        self.lm_head = Linear(cfg.text.hidden_size, layout.vocab(cfg.text.vocab_size)[1])
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
@@ -34,7 +38,7 @@ class Glm4vMoe(nn.Module):
 
     def embed(self, token_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the image placeholder rows replaced, in order, by `image_embeds`."""
-        x = self.language_model.embed_tokens(token_ids)
+        x = all_reduce(self.language_model.embed_tokens(token_ids))
         if image_embeds is not None and image_embeds.shape[0]:
             mask = token_ids == self.cfg.image_token_id
             x[mask] = image_embeds.to(x.dtype)
@@ -44,7 +48,7 @@ class Glm4vMoe(nn.Module):
         return self.language_model(embeds, positions, ctx)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return all_gather_last(self.lm_head(hidden))[:, : self.cfg.text.vocab_size].float()
 
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.language_model.layers]
@@ -55,20 +59,21 @@ class Glm4vMoe(nn.Module):
         load_checkpoint(self, path, progress=progress)
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> Glm4vMoe:
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                layout: Layout = SINGLE) -> Glm4vMoe:
     """Allocate (uninitialised) parameters straight on the device in the target dtype; routers stay fp32."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Glm4vMoe(cfg)
+            model = Glm4vMoe(cfg, layout)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
 
 
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-               progress: bool = False) -> Glm4vMoe:
-    model = build_model(cfg, dtype, device)
+               progress: bool = False, layout: Layout = SINGLE) -> Glm4vMoe:
+    model = build_model(cfg, dtype, device, layout)
     model.load_weights(path, progress=progress)
     return model

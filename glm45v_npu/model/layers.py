@@ -50,9 +50,17 @@ class SwiGLU(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, num: int, dim: int):
+    """Rows [start, start + num) of a (possibly vocab-parallel) table; ids outside give zeros, so the sum over
+    ranks (an all-reduce) is the full lookup."""
+
+    def __init__(self, num: int, dim: int, start: int = 0, partial: bool = False):
         super().__init__()
+        self.start, self.partial = start, partial
         self.weight = nn.Parameter(torch.empty(num, dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if not self.partial:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        return F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside[:, None]

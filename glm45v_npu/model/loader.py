@@ -29,9 +29,13 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 @dataclass(frozen=True)
 class Piece:
-    param: str  # our parameter name
-    index: tuple  # where in the parameter the checkpoint tensor goes
+    param: str | None  # our parameter name; None = another rank's tensor, not read here
+    index: tuple = ()  # where in the parameter the checkpoint tensor goes
+    src: tuple = ()  # which part of the checkpoint tensor this rank reads
     reshape: bool = False
+
+
+SKIP = Piece(None)
 
 
 def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
@@ -44,34 +48,65 @@ def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
     return ours
 
 
+def _rows(start: int, count: int) -> tuple:
+    return (slice(start, start + count),)
+
+
+def _cols(start: int, count: int) -> tuple:
+    return (slice(None), slice(start, start + count))
+
+
 def build_plan(model: nn.Module, cfg: ModelConfig) -> dict[str, Piece]:
-    """checkpoint tensor name -> where it goes."""
-    t = cfg.text
+    """checkpoint tensor name -> where it goes, and which slice of it this rank reads."""
+    t, layout = cfg.text, model.layout
+    rank_of = layout.rank
     plan: dict[str, Piece] = {}
+    text_sharded = layout.world > 1
     for name, p in model.named_parameters():
         ck = checkpoint_prefix(cfg, name)
         base, _, leaf = ck.rpartition(".")
+        sharded = text_sharded and not name.startswith("visual.")
         if base.endswith(".qkv_proj"):
-            stem = base[: -len("qkv_proj")]
-            q, kv = t.q_size, t.kv_size
-            for proj, lo, hi in (("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)):
-                plan[f"{stem}{proj}_proj.{leaf}"] = Piece(name, (slice(lo, hi),))
+            stem, hd = base[: -len("qkv_proj")], t.head_dim
+            q0, nq = layout.even(t.num_attention_heads, "num_attention_heads", cfg.source)
+            k0, nkv = layout.kv_heads(t.num_key_value_heads, cfg.source)
+            q, kv = nq * hd, nkv * hd
+            for proj, lo, size, first in (("q", 0, q, q0 * hd), ("k", q, kv, k0 * hd), ("v", q + kv, kv, k0 * hd)):
+                plan[f"{stem}{proj}_proj.{leaf}"] = Piece(name, _rows(lo, size), _rows(first, size) if sharded else ())
+        elif base.endswith(".o_proj"):
+            plan[ck] = Piece(name, (), _cols(rank_of * p.shape[1], p.shape[1]) if sharded else ())
         elif base.endswith(".gate_up_proj"):
             stem, half = base[: -len("gate_up_proj")], p.shape[0] // 2
-            plan[f"{stem}gate_proj.{leaf}"] = Piece(name, (slice(0, half),))
-            plan[f"{stem}up_proj.{leaf}"] = Piece(name, (slice(half, 2 * half),))
+            src = _rows(rank_of * half, half) if sharded else ()
+            plan[f"{stem}gate_proj.{leaf}"] = Piece(name, _rows(0, half), src)
+            plan[f"{stem}up_proj.{leaf}"] = Piece(name, _rows(half, half), src)
+        elif base.endswith(".down_proj") and sharded:
+            plan[ck] = Piece(name, (), _cols(rank_of * p.shape[1], p.shape[1]))
         elif ck.endswith(".experts.w13"):
-            stem, half = ck[: -len("w13")], p.shape[1] // 2
-            for e in range(p.shape[0]):
-                plan[f"{stem}{e}.gate_proj.weight"] = Piece(name, (e, slice(0, half)))
-                plan[f"{stem}{e}.up_proj.weight"] = Piece(name, (e, slice(half, 2 * half)))
+            stem, half, first = ck[: -len("w13")], p.shape[1] // 2, model_first_expert(model, name)
+            src = _rows(rank_of * half, half) if (sharded and not layout.expert_parallel) else ()
+            for e in range(t.n_routed_experts):
+                local = e - first
+                mine = 0 <= local < p.shape[0]
+                plan[f"{stem}{e}.gate_proj.weight"] = Piece(name, (local, slice(0, half)), src) if mine else SKIP
+                plan[f"{stem}{e}.up_proj.weight"] = Piece(name, (local, slice(half, 2 * half)), src) if mine else SKIP
         elif ck.endswith(".experts.w2"):
-            stem = ck[: -len("w2")]
-            for e in range(p.shape[0]):
-                plan[f"{stem}{e}.down_proj.weight"] = Piece(name, (e,))
+            stem, first = ck[: -len("w2")], model_first_expert(model, name)
+            src = _cols(rank_of * p.shape[2], p.shape[2]) if (sharded and not layout.expert_parallel) else ()
+            for e in range(t.n_routed_experts):
+                local = e - first
+                plan[f"{stem}{e}.down_proj.weight"] = Piece(name, (local,), src) if 0 <= local < p.shape[0] else SKIP
+        elif sharded and (ck.endswith("embed_tokens.weight") or ck == "lm_head.weight"):
+            start, rows = layout.vocab(t.vocab_size)
+            real = max(0, min(rows, t.vocab_size - start))  # the last rank's padding rows stay zero
+            plan[ck] = Piece(name, _rows(0, real), _rows(start, real))
         else:
             plan[ck] = Piece(name, (), reshape=name in _FLATTENED)
     return plan
+
+
+def model_first_expert(model: nn.Module, param_name: str) -> int:
+    return model.get_submodule(param_name.rpartition(".")[0]).first
 
 
 def shard_map(path: Path) -> dict[str, Path]:
@@ -129,7 +164,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
 
-    pending = dict(plan)
+    pending = {k: v for k, v in plan.items() if v.param is not None}
+    padded = [p for n, p in params.items() if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    for p in padded:
+        p.data.zero_()  # vocab-parallel padding rows beyond the vocabulary
+    model.bytes_read = 0
     total = len(files)
     bar = ProgressBar("loading weights", total) if progress else None
     with torch.no_grad():
@@ -142,16 +181,17 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
                     name = _normalise(raw_name, cfg)
                     if bar:
                         bar.advance()
-                    if _skipped(name, cfg) or (tied and name == "lm_head.weight"):
+                    if _skipped(name, cfg) or (tied and name == "lm_head.weight") or plan.get(name) is SKIP:
                         continue
                     piece = pending.pop(name, None)
                     if piece is None:
                         why = "appears twice" if name in plan else "is not part of this model"
                         raise CheckpointError(f"{file}: tensor '{raw_name}' {why} (config: {cfg.source})")
                     try:
-                        tensor = f.get_tensor(raw_name)
+                        tensor = f.get_slice(raw_name)[piece.src] if piece.src else f.get_tensor(raw_name)
                     except Exception as e:  # safetensors raises several types for a damaged payload
                         raise CheckpointError(f"{file}: cannot read tensor '{raw_name}' ({e})") from None
+                    model.bytes_read += tensor.numel() * tensor.element_size()
                     target = params[piece.param].data[piece.index]
                     if tensor.shape != target.shape:
                         if not (piece.reshape and tensor.numel() == target.numel() and tensor.shape[0] == target.shape[0]):

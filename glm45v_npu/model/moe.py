@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from ..distributed import SINGLE, Layout
 from ..kernels import ops
 from .layers import SwiGLU
 
@@ -40,25 +41,42 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked expert weights: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+    """Stacked expert weights: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
 
-    def __init__(self, cfg: TextConfig):
+    Expert-parallel: this rank holds experts [first, first + E/N) whole; the others' (token, k) pairs are mapped
+    past the local range, which the kernels skip. Tensor-parallel: every expert, I/N of its intermediate size.
+    """
+
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.first = 0
+        if layout.expert_parallel:
+            self.first, E = layout.even(E, "n_routed_experts", source)
+        else:
+            _, inter = layout.even(inter, "moe_intermediate_size", source)
+        self.local = E if layout.world > 1 and layout.expert_parallel else None
         self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.local is not None:
+            ids = ids - self.first
+            ids = ids.masked_fill((ids < 0) | (ids >= self.local), self.local)
         return ops.impl("fused_moe", x.device)(x, self.w13, self.w2, weights, ids)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """Returns this rank's partial sum of routed and shared experts (the decoder layer all-reduces it)."""
+
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, layout, source)
+        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = (
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+            SwiGLU(cfg.hidden_size, layout.even(shared, "shared expert intermediate size", source)[1])
+            if cfg.n_shared_experts else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
