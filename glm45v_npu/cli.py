@@ -115,8 +115,11 @@ def chat(
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             break
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; /exit or Ctrl-D leaves
+            err.print()
+            continue
         line = line.strip()
         if not line:
             continue

@@ -82,6 +82,8 @@ def open_image(image) -> PIL.Image.Image:  # noqa: F821
             img.load()
         except FileNotFoundError:
             raise Glm45vError(f"image {path}: no such file") from None
+        except Image.DecompressionBombError as e:
+            raise Glm45vError(f"image {path}: too many pixels ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise Glm45vError(f"image {path}: cannot be read as an image ({e})") from None
     if getattr(img, "is_animated", False):

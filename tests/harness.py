@@ -83,6 +83,35 @@ def reference_logits(ref, ids: list[int], images=()) -> torch.Tensor:
         return ref(input_ids=torch.tensor([ids]), **kwargs).logits[0].float()
 
 
+def spy_on_reads(monkeypatch, on_read) -> None:
+    """Route the loader's safetensors reads through `on_read(name, read) -> tensor`."""
+    from glm45v_npu.model import loader
+
+    real_open = loader.safe_open
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            self.f = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            return on_read(name, lambda: self.f.get_tensor(name))
+
+        def get_slice(self, name):
+            return on_read(name, lambda: self.f.get_slice(name))
+
+    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: Spy(real_open(*a, **k)))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max())

@@ -162,3 +162,24 @@ def test_info_shows_kernel_paths_and_model(env):
     assert r.returncode == 0, r.stderr
     for text in ("torch", "split_qkv_rmsnorm_rope", "fused_moe", "107.7", "46 (1 dense)"):
         assert text in r.stdout
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(env):
+    proc = subprocess.Popen([str(BIN), "chat", "--max-tokens", "3000", "--temperature", "1"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("tell me everything\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(1)  # the answer has started streaming (3000 tokens take seconds on a CPU)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "(stopped)" in stderr and "Traceback" not in stderr
+
+
+def test_hub_id_offline_says_how_to_pass_a_local_path(env):
+    r = glm45v(dict(env, HF_HUB_OFFLINE="1"), "chat", "-p", "x", "--model", "someorg/nonexistent-model")
+    assert r.returncode == 2
+    assert "pass its local folder" in r.stderr and "Traceback" not in r.stderr

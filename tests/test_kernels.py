@@ -137,3 +137,28 @@ def test_fused_moe_skips_other_ranks_experts(dtype):
     want = fused_moe_torch(*_f64([x, w13, w2]), (weights * local).double().cpu(), torch.where(local, ids, 0).cpu())
     _close(fused_moe_triton(x, w13, w2, weights, ids), want, dtype)
     _close(fused_moe_torch(x, w13, w2, weights, ids), want, dtype)
+
+
+def test_self_checked_op_falls_back_to_its_twin(caplog):
+    """An NPU-only op proves itself against its portable twin at first use; on disagreement or error the twin
+    serves from then on, with one warning."""
+    from glm45v_npu.kernels.ops import SelfChecked
+
+    def twin(x):
+        return x * 2
+
+    def make(device):
+        return [torch.arange(4.0, device=device)]
+
+    good = SelfChecked("double", lambda x: x + x, twin, make)
+    wrong = SelfChecked("double", lambda x: x * 3, twin, make)
+    broken = SelfChecked("double", lambda x: 1 / 0, twin, make)
+    x = torch.ones(3)
+    with caplog.at_level("WARNING", logger="glm45v_npu"):
+        assert torch.equal(good(x), x * 2) and good.verified
+        assert torch.equal(wrong(x), x * 2) and wrong.verified is False
+        assert torch.equal(broken(x), x * 2) and broken.verified is False
+        wrong(x)
+        broken(x)
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == 2 and "disagrees" in warnings[0] and "failed its self-check" in warnings[1]

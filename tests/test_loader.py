@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from glm45v_npu.config import load_config
 from glm45v_npu.errors import CheckpointError
 from glm45v_npu.model.glm4v_moe import load_model
-from tests.harness import PagedRunner, build_prompt, reference_logits, rel_err
+from tests.harness import PagedRunner, build_prompt, reference_logits, rel_err, spy_on_reads
 from tests.tiny import make_text_checkpoint, make_vl_checkpoint
 
 
@@ -157,31 +157,15 @@ def test_loader_holds_one_checkpoint_tensor_at_a_time(sharded, monkeypatch):
     import gc
     import weakref
 
-    from glm45v_npu.model import loader
+    alive, reads = [], []
 
-    alive, reads, real_open = [], [], loader.safe_open
+    def on_read(name, read):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in reads))
+        t = read()
+        reads.append(weakref.ref(t))
+        return t
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, name):
-            gc.collect()
-            alive.append(sum(ref() is not None for ref in reads))
-            t = self.f.get_tensor(name)
-            reads.append(weakref.ref(t))
-            return t
-
-    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: Spy(real_open(*a, **k)))
+    spy_on_reads(monkeypatch, on_read)
     _load(sharded[0])
     assert len(reads) > 50 and max(alive) == 0

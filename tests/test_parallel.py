@@ -14,6 +14,7 @@ from glm45v_npu.config import load_config
 from glm45v_npu.distributed import Layout
 from glm45v_npu.errors import Glm45vError
 from glm45v_npu.model.glm4v_moe import load_model
+from tests.harness import spy_on_reads
 from tests.tiny import IMAGE_TOKEN, make_vl_checkpoint, random_image
 
 
@@ -69,34 +70,14 @@ def test_weights_that_cannot_fit_are_refused_up_front():
 
 
 def test_each_rank_reads_only_its_slices_once(ckpt, monkeypatch):
-    from glm45v_npu.model import loader
-
     reads: dict[int, list[str]] = {}
-    real_open, rank = loader.safe_open, [0]
+    rank = [0]
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner = inner
+    def on_read(name, read):
+        reads.setdefault(rank[0], []).append(name)
+        return read()
 
-        def __enter__(self):
-            self.f = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, name):
-            reads.setdefault(rank[0], []).append(name)
-            return self.f.get_tensor(name)
-
-        def get_slice(self, name):
-            reads.setdefault(rank[0], []).append(name)
-            return self.f.get_slice(name)
-
-    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: Spy(real_open(*a, **k)))
+    spy_on_reads(monkeypatch, on_read)
     cfg = load_config(ckpt)
     read_bytes = []
     for r in (0, 1):
