@@ -50,6 +50,14 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     return _DTYPES[name]
 
 
+def npu_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """torch_npu's fused KV store (ATB ReshapeAndCache); ops.py checks it against the portable twin first."""
+    import torch_npu
+
+    torch_npu._npu_reshape_and_cache(key=k, value=v, key_cache=k_cache, value_cache=v_cache,
+                                     slot_indices=slot_mapping.to(torch.int32))
+
+
 def device_module(device: torch.device):
     return getattr(torch, device.type)
 

@@ -119,10 +119,9 @@ class SelfChecked:
 
 
 def _npu_store_kv(k, v, k_cache, v_cache, slot_mapping):
-    import torch_npu
+    from ..platform import npu_reshape_and_cache
 
-    torch_npu._npu_reshape_and_cache(key=k, value=v, key_cache=k_cache, value_cache=v_cache,
-                                     slot_indices=slot_mapping.to(torch.int32))
+    npu_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
 
 def _store_kv_inputs(device):
