@@ -109,7 +109,7 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
                     if seq.status is not Status.FINISHED or seq.seq_id not in in_flight:
                         continue
                     path, t0 = in_flight.pop(seq.seq_id)
-                    result = llm._output(seq.seq_id)
+                    result = llm.output(seq.seq_id)
                     parsed = parse_answer(result.text)
                     record = {"path": path, "answer": parsed.answer, "prompt_tokens": result.prompt_token_count,
                               "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,

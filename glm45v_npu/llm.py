@@ -231,7 +231,8 @@ class LLM:
         detok.finish()
         self.scheduler.finish(seq, reason)
 
-    def _output(self, request_id: int, forget: bool = True) -> RequestOutput:
+    def output(self, request_id: int, forget: bool = True) -> RequestOutput:
+        """The request's result so far; a finished request is forgotten once read (unless forget=False)."""
         seq = self._seqs[request_id]
         detok = self._detok[request_id]
         out = RequestOutput(
@@ -270,7 +271,7 @@ class LLM:
         finally:
             if bar:
                 bar.stop()
-        return [x if isinstance(x, RequestOutput) else self._output(x) for x in ids]
+        return [x if isinstance(x, RequestOutput) else self.output(x) for x in ids]
 
     def stream(self, request, params: SamplingParams | None = None,
                enable_thinking: bool | None = None) -> Iterator[str]:
@@ -285,7 +286,7 @@ class LLM:
                     yield delta
         finally:
             self.abort(rid)
-            self.last_output = self._output(rid)
+            self.last_output = self.output(rid)  # finish reason and timings of the streamed request
 
 
 

@@ -147,7 +147,7 @@ def test_random_run_returns_every_block(vl):
         steps += 1
         if steps % 3 == 0:
             llm.abort(rng.choice(submitted))
-    outs = [llm._output(r) for r in submitted]
+    outs = [llm.output(r) for r in submitted]
     assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
     assert {"stop", "length", "abort"} <= {o.finish_reason for o in outs}
     assert llm.blocks.num_free == llm.blocks.num_blocks
