@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 from rich.console import Console
@@ -79,7 +80,7 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
     stats = {"ok": 0, "error": 0, "prompt_tokens": 0, "completion_tokens": 0}
     start = time.perf_counter()
     in_flight: dict[int, tuple[str, float]] = {}
-    queue = list(todo)
+    queue = deque(todo)
     progress = Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]:.2f} img/s"), TimeRemainingColumn(), console=console)
     task = progress.add_task("", total=len(todo), rate=0.0)
@@ -96,7 +97,7 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
         try:
             while queue or in_flight:
                 while queue and len(in_flight) < batch:
-                    path = queue.pop(0)
+                    path = queue.popleft()
                     try:
                         _check_file(path)
                         message = {"role": "user", "content": [{"type": "image", "image": path},

@@ -7,7 +7,7 @@ so a config that transformers accepts means the same thing here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +355,17 @@ def load_config(path: str | Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     return parse_config(raw, str(file))
+
+
+def with_num_layers(cfg: ModelConfig, num_layers: int | None) -> ModelConfig:
+    """The first num_layers decoder layers only (benchmarks of real shapes on a small device)."""
+    if num_layers is None:
+        return cfg
+    if not 1 <= num_layers <= cfg.text.num_hidden_layers:
+        raise ConfigError(f"--num-layers {num_layers}: expected 1..{cfg.text.num_hidden_layers} ({cfg.source})")
+    text = replace(cfg.text, num_hidden_layers=num_layers,
+                   first_k_dense_replace=min(cfg.text.first_k_dense_replace, num_layers))
+    return replace(cfg, text=text)
 
 
 BUILTIN_DIR = Path(__file__).parent / "configs"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import weakref
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, parallel, platform
-from .config import load_config
+from .config import load_config, with_num_layers
 from .detokenizer import IncrementalDetokenizer
 from .distributed import Layout
 from .engine.block_manager import BlockManager
@@ -68,13 +67,7 @@ class LLM:
             raise Glm45vError(f"--model {model}: a built-in config has no weights; add --load-format dummy")
         if tensor_parallel_size < 1:
             raise Glm45vError(f"--tensor-parallel-size {tensor_parallel_size}: must be >= 1")
-        self.cfg = load_config(path)
-        if num_layers is not None:
-            if not 1 <= num_layers <= self.cfg.text.num_hidden_layers:
-                raise Glm45vError(f"--num-layers {num_layers}: expected 1..{self.cfg.text.num_hidden_layers}")
-            text = dataclasses.replace(self.cfg.text, num_hidden_layers=num_layers,
-                                       first_k_dense_replace=min(self.cfg.text.first_k_dense_replace, num_layers))
-            self.cfg = dataclasses.replace(self.cfg, text=text)
+        self.cfg = with_num_layers(load_config(path), num_layers)
         torchrun = distributed.env_layout()
         world = torchrun.world if torchrun else tensor_parallel_size
         layout = Layout(torchrun.rank if torchrun else 0, world, expert_parallel)
@@ -162,7 +155,7 @@ class LLM:
             raise Glm45vError(
                 f"prompt ({len(enc.token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV cache "
                 f"({self.capacity_tokens} tokens)")
-        seq = Sequence(enc.token_ids, params, enc.positions, enc.delta, enc.images)
+        seq = Sequence(list(enc.token_ids), len(enc.token_ids), params, enc.positions, enc.delta, enc.images)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self._detok[seq.seq_id] = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens,
@@ -210,7 +203,7 @@ class LLM:
                                         [s.token_ids for s in seqs])
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs):
-            seq.output_ids.append(token)
+            seq.token_ids.append(token)
             seq.logprobs.append(lp)
             seq.token_times.append(now - seq.arrival)
             self._check_finish(seq, token)
@@ -224,7 +217,7 @@ class LLM:
             detok.add(token)
         if is_stop_token or detok.stopped:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         else:
             return
@@ -236,7 +229,7 @@ class LLM:
         seq = self._seqs[request_id]
         detok = self._detok[request_id]
         out = RequestOutput(
-            request_id=request_id, prompt_token_count=seq.prompt_len, token_ids=list(seq.output_ids),
+            request_id=request_id, prompt_token_count=seq.prompt_len, token_ids=seq.output_ids,
             text=detok.text, logprobs=list(seq.logprobs) if seq.params.logprobs else None,
             finish_reason=seq.finish_reason,
             time_to_first_token=seq.token_times[0] if seq.token_times else None,

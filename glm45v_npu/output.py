@@ -19,26 +19,19 @@ class ParsedAnswer:
 
 
 def parse_answer(raw: str) -> ParsedAnswer:
-    out = ParsedAnswer(raw)
-    kinds = {"reasoning": [], "answer": [], "box": []}
-    for kind, text in _segments(raw):
-        kinds[kind].append(text)
-        if kind == "box":
-            kinds["answer"].append(text)
-    out.reasoning = "".join(kinds["reasoning"]).strip()
-    out.answer = "".join(kinds["answer"]).strip()
-    out.boxes = [b.strip() for b in _boxes(raw)]
-    return out
+    segments = _segments(raw)
+    return ParsedAnswer(
+        raw,
+        reasoning="".join(text for kind, text in segments if kind == "reasoning").strip(),
+        answer="".join(text for kind, text in segments if kind != "reasoning").strip(),  # boxes unwrapped in place
+        boxes=[text.strip() for kind, text in segments if kind == "box"],
+    )
 
 
 def _segments(raw: str) -> list[tuple[str, str]]:
     # An answer that closes a think block it never opened had its <think> pre-filled by the template.
     s = StreamSplitter(in_think=THINK_CLOSE in raw and THINK_OPEN not in raw.split(THINK_CLOSE)[0])
     return s.feed(raw) + s.flush()
-
-
-def _boxes(raw: str) -> list[str]:
-    return [chunk.partition(BOX_CLOSE)[0] for chunk in raw.split(BOX_OPEN)[1:]]
 
 
 class StreamSplitter:

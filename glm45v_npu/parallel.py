@@ -19,7 +19,7 @@ from . import distributed, platform
 from .config import ModelConfig
 from .context import ForwardContext
 from .distributed import Layout
-from .engine.runner import ModelRunner
+from .engine.runner import ModelRunner, allocate_kv_cache, release_kv_cache
 from .errors import Glm45vError
 
 
@@ -57,7 +57,7 @@ def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: b
         init_dummy_weights(model, seed=layout.rank)
     else:
         model = load_model(spec.path, spec.cfg, spec.dtype, device, progress=progress, layout=layout)
-    per_block = ModelRunner.kv_bytes_per_block(model, spec.block_size, spec.dtype)
+    per_block = kv_bytes_per_token(spec.cfg, layout, spec.dtype) * spec.block_size
     if spec.kv_cache_gib is not None:
         budget = spec.kv_cache_gib * 2**30
     elif device.type == "cpu":
@@ -77,7 +77,7 @@ def profile_peak(model, spec: RankSpec, device: torch.device) -> int:
     max_num_batched_tokens tokens through a throw-away cache just big enough for it."""
     n = min(spec.max_num_batched_tokens, spec.cfg.text.max_position_embeddings)
     blocks = -(-n // spec.block_size)
-    ModelRunner(model, blocks, spec.block_size, device, spec.dtype)
+    allocate_kv_cache(model, blocks, spec.block_size, device, spec.dtype)
     platform.reset_peak_memory(device)
     ctx = ForwardContext.build([n], [n], [list(range(blocks))], spec.block_size, device)
     embeds = model.embed(torch.zeros(n, dtype=torch.long, device=device))
@@ -85,8 +85,7 @@ def profile_peak(model, spec: RankSpec, device: torch.device) -> int:
     model.logits(model(embeds, positions, ctx)[-1:])
     platform.synchronize(device)
     peak = platform.peak_memory(device)
-    for attn in model.attention_layers():
-        attn.k_cache = attn.v_cache = torch.empty(0)
+    release_kv_cache(model)
     return peak
 
 

@@ -7,26 +7,17 @@ the batch, and the KV cache) over the device copy bandwidth measured in the same
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 
 from . import platform
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, with_num_layers
 from .context import ForwardContext
-from .engine.runner import ModelRunner
+from .engine.runner import allocate_kv_cache, release_kv_cache
 from .hub import resolve_model
 from .model.glm4v_moe import build_model
 from .model.loader import init_dummy_weights
-
-
-def truncated_config(model: str, num_layers: int) -> ModelConfig:
-    path, _ = resolve_model(model)
-    cfg = load_config(path)
-    text = dataclasses.replace(cfg.text, num_hidden_layers=num_layers,
-                               first_k_dense_replace=min(cfg.text.first_k_dense_replace, num_layers))
-    return dataclasses.replace(cfg, text=text)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
@@ -72,7 +63,7 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2) ->
 def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: torch.device, steps: int = 20,
                   block_size: int = 16) -> float:
     blocks_per_seq = -(-(context + 1) // block_size)
-    ModelRunner(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
+    allocate_kv_cache(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
     ctx = ForwardContext.build([1] * batch, [context + 1] * batch, tables, block_size, device)
     ids = torch.randint(0, cfg.text.vocab_size, (batch,), device=device)
@@ -89,8 +80,7 @@ def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: tor
         step()
     platform.synchronize(device)
     elapsed = (time.perf_counter() - t) / steps
-    for attn in model.attention_layers():
-        attn.k_cache = attn.v_cache = torch.empty(0)
+    release_kv_cache(model)
     return elapsed
 
 
@@ -128,7 +118,7 @@ def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, .
              device: str | None = None, dtype: str | None = "bfloat16", compare_transformers: bool = True) -> dict:
     dev = platform.pick_device(device)
     dt = platform.pick_dtype(dtype, dev)
-    cfg = truncated_config(model, num_layers)
+    cfg = with_num_layers(load_config(resolve_model(model)[0]), num_layers)
     ours = build_model(cfg, dt, dev)
     init_dummy_weights(ours)
     bandwidth = copy_bandwidth(dev)

@@ -98,8 +98,10 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
 
 
 def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Exponential-race sampling (argmax p / E, E ~ Exp(1)); seeded rows use their own generator."""
-    noise = torch.empty_like(probs)
+    """Exponential-race sampling (argmax p / E, E ~ Exp(1)). Unseeded rows share one draw; a seeded row uses its
+    own generator, so its samples do not depend on what else is in the batch."""
+    noise = torch.empty_like(probs).exponential_()
     for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
+        if g is not None:
+            noise[i].exponential_(generator=g)
     return (probs / noise).argmax(dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from glm45v_npu.context import ForwardContext
+from glm45v_npu.engine.runner import allocate_kv_cache
 from glm45v_npu.processor import mrope_positions, num_image_tokens, preprocess_images
 from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, TEXT_TOKENS, image_processor
 
@@ -25,10 +26,7 @@ class PagedRunner:
     def __init__(self, model, block_size: int = 4, num_blocks: int = 256):
         self.model, self.block_size = model, block_size
         dtype = next(model.language_model.parameters()).dtype
-        t = model.cfg.text
-        for attn in model.attention_layers():
-            attn.k_cache = torch.zeros(num_blocks, block_size, t.num_key_value_heads, t.head_dim, dtype=dtype)
-            attn.v_cache = torch.zeros_like(attn.k_cache)
+        allocate_kv_cache(model, num_blocks, block_size, torch.device("cpu"), dtype)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
 
     def blocks_for(self, table: list[int], length: int) -> list[int]:
@@ -44,7 +42,9 @@ class PagedRunner:
         pixels, grids = preprocess_images(list(images), image_processor())
         positions, delta = mrope_positions(ids, m.cfg.image_token_id, grids, merge)
         image_embeds = torch.cat(m.encode_images(pixels, grids)) if grids else None
-        embeds = m.embed(torch.tensor(ids), image_embeds)
+        embeds = m.embed(torch.tensor(ids))
+        if image_embeds is not None:
+            embeds[torch.tensor(ids) == m.cfg.image_token_id] = image_embeds
         table: list[int] = []
         out, done = [], 0
         for n in chunks or [len(ids)]:

@@ -29,22 +29,27 @@ class StepInputs:
     release: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
 
 
+def allocate_kv_cache(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """One K and one V tensor [num_blocks, block_size, kv_heads, head_dim] per attention layer (this rank's
+    heads). Zeroed: attention masks unused slots, and masked garbage could still be NaN."""
+    for layer in model.attention_layers():
+        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+
+def release_kv_cache(model) -> None:
+    for layer in model.attention_layers():
+        layer.k_cache = layer.v_cache = torch.empty(0)
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.model, self.block_size, self.device = model, block_size, device
         self.image_embeds: dict[int, torch.Tensor] = {}  # vision output per sequence until its prompt is in
         self.encoded: set[int] = set()
         self.pending_release: set[int] = set()
-        attn = model.attention_layers()[0]
-        shape = (num_blocks, block_size, attn.num_kv_heads, attn.head_dim)
-        for layer in model.attention_layers():
-            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-
-    @staticmethod
-    def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-        attn = model.attention_layers()[0]
-        return 2 * len(model.attention_layers()) * block_size * attn.num_kv_heads * attn.head_dim * dtype.itemsize
+        allocate_kv_cache(model, num_blocks, block_size, device, dtype)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
         ids, pos, rows, encode, samplers, sample_rows = [], [], [], [], [], []
@@ -79,7 +84,7 @@ class ModelRunner:
         inputs = StepInputs(
             token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
-            block_tables=[list(s.block_table) for s in batch.seqs], sample_rows=sample_rows,
+            block_tables=[s.block_table for s in batch.seqs], sample_rows=sample_rows,
             encode=encode, image_rows=rows, release=sorted(release),
         )
         self.pending_release = set()

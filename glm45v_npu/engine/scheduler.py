@@ -77,7 +77,6 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_computed = 0
         self.released.append(seq.seq_id)
-        seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
 

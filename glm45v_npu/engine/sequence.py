@@ -34,14 +34,14 @@ class ImageSpan:
 
 @dataclass(eq=False)  # identity: the scheduler looks sequences up in its queues
 class Sequence:
-    prompt_ids: list[int]
+    token_ids: list[int]  # the prompt, then each generated token as it is sampled
+    prompt_len: int
     params: SamplingParams
     positions: torch.Tensor  # [3, prompt_len] M-RoPE positions of the prompt
     delta: int  # generated token at index i has position i + delta on all rows
     images: list[ImageSpan] = field(default_factory=list)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
-    output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached: int = 0  # of those, how many came from the prefix cache at the last admission
@@ -51,26 +51,17 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)
-    preemptions: int = 0
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
-
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
+        return len(self.token_ids)
 
     def block_hash(self, index: int, block_size: int, previous: bytes) -> bytes:
         """Chained hash of block `index`: previous hash, its token ids, and the hashes of images inside it, so

@@ -75,7 +75,6 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 if triton is not None:
 
-
     @triton.jit
     def _gate_up_kernel(x, w13, rows, tile_expert, h, TK, H, INTER, K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):

@@ -65,10 +65,10 @@ def impl(op: str, device: torch.device) -> Callable:
     return _cache[key]
 
 
-def fused_decode(ctx: ForwardContext, device: torch.device) -> bool:
-    """The conditional fused decode path: decode steps on a kernel backend take the fused split + norm + rope
-    kernel; prefill, extend and mixed batches take split + optional QK norm + M-RoPE in plain ops."""
-    return ctx.is_decode and backend(device) == "triton"
+def qkv_split(ctx: ForwardContext, device: torch.device) -> Callable:
+    """The conditional fused decode path: decode steps take the backend's split + norm + rope (the fused kernel
+    on Triton backends); prefill, extend and mixed batches take split + optional QK norm + M-RoPE in plain ops."""
+    return impl("split_qkv_rmsnorm_rope", device) if ctx.is_decode else split_qkv_rmsnorm_rope_torch
 
 
 def describe(device: torch.device) -> dict[str, str]:

@@ -16,7 +16,7 @@ def paged_attention_torch(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scale: float
 ) -> torch.Tensor:
     """q [T, q_heads, head_dim] -> [T, q_heads, head_dim]."""
-    T, nq, hd = q.shape
+    _, nq, hd = q.shape
     B, max_q, max_k = ctx.num_seqs, ctx.max_query_len, ctx.max_context_len
     bs = ctx.block_size
     n_blocks = (max_k + bs - 1) // bs
@@ -24,17 +24,9 @@ def paged_attention_torch(
     k = k_cache[tables].flatten(1, 2)[:, :max_k]  # [B, max_k, kvh, hd]
     v = v_cache[tables].flatten(1, 2)[:, :max_k]
 
-    dev = q.device
-    q_lens = torch.tensor(ctx.query_lens, device=dev)
-    seq_of_tok = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)
-    off_of_tok = torch.arange(T, device=dev) - ctx.cu_seqlens_q[:-1].long()[seq_of_tok]
+    seq_of_tok, off_of_tok, mask = ctx.padded_layout
     qp = q.new_zeros(B, max_q, nq, hd)
     qp[seq_of_tok, off_of_tok] = q
-
-    ctx_lens = ctx.context_lens_t.long()
-    q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q, device=dev)  # absolute position of each query
-    k_pos = torch.arange(max_k, device=dev)
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, max_k]; also bounds keys by context length
 
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2),
@@ -63,6 +55,15 @@ except ImportError:
 
 if triton is not None:
 
+    @triton.jit
+    def _kv_tile(k_cache, v_cache, table, n, valid, kvh, d, BS: tl.constexpr, NKV: tl.constexpr,
+                 HD: tl.constexpr):
+        """Keys and values of token positions n of one sequence, gathered through its block table."""
+        blk = tl.load(table + n // BS, mask=valid, other=0)
+        row = (blk * BS + n % BS) * (NKV * HD) + kvh * HD
+        kk = tl.load(k_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        vv = tl.load(v_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        return kk, vv
 
     @triton.jit
     def _decode_kernel(
@@ -88,10 +89,7 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
-            blk = tl.load(block_tables + b * bt_stride + n // BS, mask=valid, other=0)
-            row = (blk * BS + n % BS) * (NKV * HD) + kvh * HD
-            kk = tl.load(k_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            vv = tl.load(v_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            kk, vv = _kv_tile(k_cache, v_cache, block_tables + b * bt_stride, n, valid, kvh, d, BS, NKV, HD)
             if USE_DOT:
                 sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT)
             else:
@@ -157,10 +155,7 @@ if triton is not None:
         for n0 in range(0, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
-            blk = tl.load(block_tables + b * bt_stride + n // BS, mask=valid, other=0)
-            row = (blk * BS + n % BS) * (NKV * HD) + kvh * HD
-            kk = tl.load(k_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            vv = tl.load(v_cache + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            kk, vv = _kv_tile(k_cache, v_cache, block_tables + b * bt_stride, n, valid, kvh, d, BS, NKV, HD)
             sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT) * scale
             ok = valid[None, :] & (n[None, :] <= q_pos[:, None])
             sc = tl.where(ok, sc, float("-inf"))
@@ -183,7 +178,7 @@ def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scale: float
 ) -> torch.Tensor:
     """Same contract as the twin. Decode batches take the split-K kernel, all others the varlen kernel."""
-    T, nq, hd = q.shape
+    _, nq, hd = q.shape
     nkv, bs = k_cache.shape[2], k_cache.shape[1]
     G = nq // nkv
     q = q.contiguous()

@@ -9,7 +9,6 @@ from ..config import TextConfig
 from ..context import ForwardContext
 from ..distributed import SINGLE, Layout
 from ..kernels import ops
-from ..kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 from .layers import Linear, RMSNorm
 
 
@@ -35,8 +34,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, dev = x.shape[0], x.device
         norm = self.qk_norm_eps is not None
-        split = ops.impl("split_qkv_rmsnorm_rope", dev) if ops.fused_decode(ctx, dev) else split_qkv_rmsnorm_rope_torch
-        q, k, v = split(
+        q, k, v = ops.qkv_split(ctx, dev)(
             self.qkv_proj(x), sin, cos, self.q_size, self.kv_size, self.head_dim,
             self.qk_norm_eps,
             self.q_norm.weight if norm else None,

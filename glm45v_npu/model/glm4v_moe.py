@@ -36,13 +36,9 @@ class Glm4vMoe(nn.Module):
         m2 = self.cfg.vision.spatial_merge_size ** 2
         return list(out.split([t * h * w // m2 for t, h, w in grid_thw]))
 
-    def embed(self, token_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the image placeholder rows replaced, in order, by `image_embeds`."""
-        x = all_reduce(self.language_model.embed_tokens(token_ids))
-        if image_embeds is not None and image_embeds.shape[0]:
-            mask = token_ids == self.cfg.image_token_id
-            x[mask] = image_embeds.to(x.dtype)
-        return x
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (the runner then writes image rows over the placeholders)."""
+        return all_reduce(self.language_model.embed_tokens(token_ids))
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.language_model(embeds, positions, ctx)
