@@ -28,14 +28,15 @@ def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int
     from PIL import Image
 
     rng = random.Random(seed)
-    special = set(llm.processor.eos_token_ids) | {llm.cfg.image_token_id}
-    vocab = [t for t in range(min(llm.cfg.text.vocab_size, 30000)) if t not in special]
+    cfg = llm.model_config
+    special = set(llm.engine.processor.eos_token_ids) | {cfg.image_token_id}
+    vocab = [t for t in range(min(cfg.text.vocab_size, 30000)) if t not in special]
     out = []
     for i in range(batch):
         ids = [rng.choice(vocab) for _ in range(input_len)]
         pics = []
         for k in range(images):
-            ids.insert(k, llm.cfg.image_token_id)
+            ids.insert(k, cfg.image_token_id)
             g = torch.Generator().manual_seed(seed * 1000 + i * 10 + k)
             pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             pics.append(Image.fromarray(pixels))
@@ -64,17 +65,19 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     bad = [o.error for o in outs if o.error]
     if bad:
         raise Glm45vError(f"bench request rejected: {bad[0]}")
-    ttft = [o.time_to_first_token for o in outs]
-    itl = [b - a for o in outs for a, b in zip(o.token_times, o.token_times[1:])]
-    prompt_tokens = sum(o.prompt_token_count for o in outs)
-    generated = sum(len(o.token_ids) for o in outs)
+    times = [o.metrics.token_times[0] for o in outs]
+    ttft = [t[0] for t in times]
+    itl = [b - a for t in times for a, b in zip(t, t[1:])]
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    generated = sum(len(t) for t in times)
     last_first = max(ttft)
-    decode_time = max(o.token_times[-1] for o in outs) - last_first
+    decode_time = max(t[-1] for t in times) - last_first
     peak = platform.peak_memory(llm.device)
     if llm.device.type == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = llm.stats()
     return {
-        "model": llm.cfg.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
+        "model": llm.model_config.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
         "batch": batch, "input_len": input_len, "output_len": output_len, "images_per_request": images,
         "prompt_tokens": prompt_tokens, "generated_tokens": generated, "total_s": total,
         "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
@@ -83,8 +86,8 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
         "decode_tokens_per_s": (generated - batch) / decode_time if decode_time > 0 else float("nan"),
         "output_tokens_per_s": generated / total,
         "peak_memory_bytes": peak, "peak_memory_is_process_rss": llm.device.type == "cpu",
-        "kv_cache_blocks": llm.blocks.num_blocks, "kv_cache_tokens": llm.capacity_tokens,
-        "preemptions": llm.scheduler.preemptions,
+        "kv_cache_blocks": stats.num_blocks, "kv_cache_tokens": stats.num_blocks * stats.block_size,
+        "preemptions": stats.preemptions,
     }
 
 

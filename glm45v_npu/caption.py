@@ -7,15 +7,15 @@ import glob
 import json
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .engine.sequence import Status
 from .errors import Glm45vError
-from .output import parse_answer
+from .answer import parse_answer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_FILE_BYTES = 64 * 2**20
@@ -64,7 +64,7 @@ def _check_file(path: str) -> None:
 
 
 def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: int, overwrite: bool,
-                thinking: bool | None, console: Console) -> int:
+                thinking: bool | None, console: Console, system_prompt: str | None = None) -> int:
     """Returns the exit code: 0 when done, 130 when interrupted."""
     if overwrite and out.exists():
         out.unlink()
@@ -94,6 +94,8 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
             stats["error" if "error" in record else "ok"] += 1
             progress.update(task, advance=1, rate=(stats["ok"] + stats["error"]) / (time.perf_counter() - start))
 
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        params = replace(params, n=1, output_kind="final_only")
         try:
             while queue or in_flight:
                 while queue and len(in_flight) < batch:
@@ -102,19 +104,19 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
                         _check_file(path)
                         message = {"role": "user", "content": [{"type": "image", "image": path},
                                                                {"type": "text", "text": prompt}]}
-                        rid = llm.add_request({"messages": [message]}, params, enable_thinking=thinking)
+                        rid = llm.add_request({"messages": [*system, message]}, params, enable_thinking=thinking)
                         in_flight[rid] = (path, time.perf_counter())
                     except Glm45vError as e:
                         write({"path": path, "error": str(e)})
-                for seq in llm.step():
-                    if seq.status is not Status.FINISHED or seq.seq_id not in in_flight:
+                for result in llm.step():
+                    if not result.finished or result.request_id not in in_flight:
                         continue
-                    path, t0 = in_flight.pop(seq.seq_id)
-                    result = llm.output(seq.seq_id)
-                    parsed = parse_answer(result.text)
-                    record = {"path": path, "answer": parsed.answer, "prompt_tokens": result.prompt_token_count,
-                              "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
-                              "seconds": round(time.perf_counter() - t0, 3)}
+                    path, t0 = in_flight.pop(result.request_id)
+                    completion = result.outputs[0]
+                    parsed = parse_answer(completion.text)
+                    record = {"path": path, "answer": parsed.answer, "prompt_tokens": len(result.prompt_token_ids),
+                              "completion_tokens": len(completion.token_ids),
+                              "finish_reason": completion.finish_reason, "seconds": round(time.perf_counter() - t0, 3)}
                     if parsed.reasoning:
                         record["reasoning"] = parsed.reasoning
                     if parsed.boxes:
@@ -126,6 +128,8 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
             interrupted = True
             for rid in list(in_flight):
                 llm.abort(rid)
+            while llm.has_unfinished():  # collect the aborted requests' final reports: nothing left behind
+                llm.step()
     _summary(console, stats, time.perf_counter() - start, len(paths) - len(todo), out, interrupted)
     return 130 if interrupted else 0
 

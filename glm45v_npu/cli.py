@@ -1,30 +1,172 @@
-"""The glm45v command: chat, bench, caption, info."""
+"""The glm45v command: chat, bench, caption, info. Thin: it parses options, builds one EngineConfig (whose fields
+and defaults are the engine options of every command) and calls the module that does the work. It imports
+neither torch nor the engine until a command runs, so `glm45v --help` is quick."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
-from .errors import Glm45vError
+from .engine.config import EngineConfig
+from .errors import FieldError, Glm45vError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _NoTypeTags:
+    """Help without a type column entry for --help itself (our own options carry metavars)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_NoTypeTags, TyperCommand):
+    pass
+
+
+class Group(_NoTypeTags, TyperGroup):
+    pass
+
+
+app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A lightweight, fast inference runner for GLM-4.5V.")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="checkpoint folder, hub id, 'tiny-random' or a "
-                                       "built-in config ('glm-4.5v', with --load-format dummy)")]
-DeviceOpt = Annotated[str | None, typer.Option(help="npu, cuda or cpu (default: the first available)")]
-DtypeOpt = Annotated[str | None, typer.Option(help="bfloat16, float16 or float32 (default: bf16, fp32 on cpu)")]
-TPOpt = Annotated[int, typer.Option("--tensor-parallel-size", "-tp", help="devices (processes) to split over")]
-TPExpertsOpt = Annotated[bool, typer.Option("--tp-experts", help="split every expert across devices instead of "
-                                            "giving each device whole experts")]
+
+def Opt(*decls: str, help: str, metavar: str = "", **kw: Any) -> Any:  # noqa: N802 (reads like typer.Option)
+    return typer.Option(*decls, help=help, metavar=metavar, **kw)
+
+
+def _default(name: str) -> Any:
+    return EngineConfig.__dataclass_fields__[name].default
+
+
+# --- engine options: every command that runs a model takes them; defaults are EngineConfig's ------------------
+
+ENGINE_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("model", Annotated[str, Opt("--model", "-m", metavar="NAME", help="checkpoint folder, hub id, 'tiny-random' "
+                                 "(a tiny random model made locally) or a built-in config ('glm-4.5v', with "
+                                 "--load-format dummy)")], "tiny-random"),
+    ("revision", Annotated[str | None, Opt("--revision", metavar="REV", help="hub branch, tag or commit")], None),
+    ("download_dir", Annotated[str | None, Opt("--download-dir", metavar="DIR", help="hub cache folder")], None),
+    ("load_format", Annotated[str, Opt("--load-format", metavar="FMT", help="auto (read the weights) or dummy "
+                                       "(random, nothing read)")], None),
+    ("num_layers", Annotated[int | None, Opt("--num-layers", metavar="N", help="keep only the first N decoder "
+                                             "layers (real shapes on a small device)")], None),
+    ("device", Annotated[str | None, Opt("--device", metavar="DEV", help="npu, cuda or cpu (default: the first "
+                                         "available)")], None),
+    ("dtype", Annotated[str, Opt("--dtype", metavar="DTYPE", help="auto (bfloat16 on accelerators, float32 on a "
+                                 "CPU), bfloat16, float16 or float32")], "auto"),
+    ("seed", Annotated[int, Opt("--seed", metavar="N", help="seed for sampling and dummy weights")], None),
+    ("tensor_parallel_size", Annotated[int, Opt("--tensor-parallel-size", "-tp", metavar="N",
+                                                help="devices (processes) to split the model over")], None),
+    ("enable_expert_parallel", Annotated[bool, Opt("--enable-expert-parallel/--tp-experts",
+                                                   help="whole experts per device, or every expert split "
+                                                   "across devices")], None),
+    ("block_size", Annotated[int, Opt("--block-size", metavar="N", help="tokens per KV-cache block")], None),
+    ("kv_cache_gib", Annotated[float | None, Opt("--kv-cache-gib", metavar="GIB", help="KV-cache size (default: "
+                                                 "what memory allows; 0.25 on a CPU)")], None),
+    ("gpu_memory_utilization", Annotated[float, Opt("--gpu-memory-utilization", metavar="F",
+                                                    help="share of an accelerator's memory to use in all")], None),
+    ("enable_prefix_caching", Annotated[bool, Opt("--enable-prefix-caching/--no-enable-prefix-caching",
+                                                  help="share KV blocks between prompts with equal prefixes")],
+     None),
+    ("max_num_seqs", Annotated[int, Opt("--max-num-seqs", metavar="N", help="requests running at once")], None),
+    ("max_num_batched_tokens", Annotated[int, Opt("--max-num-batched-tokens", metavar="N",
+                                                  help="new tokens per step (longer prompts are chunked)")], None),
+    ("max_model_len", Annotated[int | None, Opt("--max-model-len", metavar="N", help="context length (default: "
+                                                "the model's)")], None),
+    ("max_pixels", Annotated[int | None, Opt("--max-pixels", metavar="N", help="pixel budget per image (larger "
+                                             "images are scaled down)")], None),
+    ("generation_config", Annotated[str, Opt("--generation-config", metavar="auto|vllm",
+                                             help="auto: sampling defaults from the checkpoint's "
+                                             "generation_config.json; vllm: ignore it")], None),
+    ("enforce_eager", Annotated[bool, Opt("--enforce-eager", help="no decode graphs")], None),
+]
+
+SAMPLING_OPTIONS: list[tuple[str, Any]] = [
+    ("max_tokens", Annotated[int | None, Opt("--max-tokens", metavar="N", help="tokens to generate at most")]),
+    ("temperature", Annotated[float | None, Opt("--temperature", metavar="T", help="0 = greedy (default: the "
+                                                "checkpoint's generation config, else 1)")]),
+    ("top_p", Annotated[float | None, Opt("--top-p", metavar="P", help="nucleus sampling")]),
+    ("top_k", Annotated[int | None, Opt("--top-k", metavar="K", help="sample from the K most likely tokens")]),
+    ("min_p", Annotated[float | None, Opt("--min-p", metavar="P", help="drop tokens below P x the most likely")]),
+    ("repetition_penalty", Annotated[float | None, Opt("--repetition-penalty", metavar="F",
+                                                       help="> 1 discourages repeating prompt or output tokens")]),
+    ("stop", Annotated[list[str] | None, Opt("--stop", metavar="TEXT", help="stop at this text (repeatable)")]),
+]
+
+
+def _inject(fn, target: str, options: list[tuple[str, Any, Any]], collect):
+    """Add `options` to fn's signature (typer reads it) and pass fn's `target` parameter what `collect` makes of
+    their values."""
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != target]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+             for name, annotation, default in options]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs[target] = collect({name: kwargs.pop(name) for name, _, _ in options})
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + added)
+    return wrapper
+
+
+def engine_options(fn):
+    """The command gets `engine: EngineConfig` built from the engine options (defaults: EngineConfig's)."""
+    options = [(name, annotation, _default(name) if default is None else default)
+               for name, annotation, default in ENGINE_OPTIONS]
+
+    def collect(values: dict) -> EngineConfig:
+        values["dtype"] = None if values["dtype"] == "auto" else values["dtype"]
+        with _flag_errors():
+            return EngineConfig(**values)
+
+    return _inject(fn, "engine", options, collect)
+
+
+def sampling_options(**defaults: Any):
+    """The command gets `sampling: dict`: the sampling options given, over the command's own defaults; the
+    engine fills the rest from the checkpoint's generation config."""
+
+    def deco(fn):
+        def collect(values: dict) -> dict:
+            from .sampling import SamplingParams
+
+            given = {k: v for k, v in values.items() if v is not None}
+            with _flag_errors():  # checked before the model loads
+                for name, value in given.items():
+                    SamplingParams(**{name: value})
+            return {**defaults, **given}
+
+        return _inject(fn, "sampling", [(name, annotation, None) for name, annotation in SAMPLING_OPTIONS], collect)
+
+    return deco
+
+
+@contextmanager
+def _flag_errors() -> Iterator[None]:
+    """An option's bad value, named as the flag the user typed."""
+    try:
+        yield
+    except FieldError as e:
+        raise Glm45vError(f"--{e.field.replace('_', '-')} {e.value}: {e.why}") from None
 
 
 def friendly(fn):
@@ -35,7 +177,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Glm45vError as e:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {e}", markup=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -46,21 +188,45 @@ def require(ok: bool, message: str) -> None:
         raise Glm45vError(message)
 
 
-def _banner(model: str) -> None:
-    if model == "tiny-random":
-        err.print("[yellow]tiny-random: a tiny model with random weights; its answers are random.[/yellow]")
-
-
-def _llm(model: str, device, dtype, tp: int = 1, tp_experts: bool = False, **kwargs):
+def _llm(config: EngineConfig):
     from .llm import LLM
 
-    _banner(model)
-    with err.status(f"loading {model}"):
-        llm = LLM(model, device=device, dtype=dtype, tensor_parallel_size=tp, expert_parallel=not tp_experts,
-                  **kwargs)
-    err.print(f"[dim]{llm.cfg.model_type} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}), KV cache "
-              f"{llm.blocks.num_blocks} blocks x {llm.block_size} = {llm.capacity_tokens} tokens[/dim]")
+    if config.model == "tiny-random":
+        err.print("[yellow]tiny-random: a tiny model with random weights; its answers are random.[/yellow]")
+    with err.status(f"loading {config.model}"):
+        llm = LLM.from_config(config)
+    s = llm.stats()
+    err.print(f"[dim]{llm.model_config.model_type} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}), KV "
+              f"cache {s.num_blocks} blocks x {s.block_size} = {s.num_blocks * s.block_size} tokens[/dim]")
     return llm
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"glm45v {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, Opt("--version", help="print the version and exit", callback=_version,
+                                 is_eager=True)] = False,
+    log_level: Annotated[str, Opt("--log-level", metavar="LEVEL", help="debug, info, warning or error (info "
+                                  "shows the KV-cache budget line by line)")] = "warning",
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        err.print(f"[red]error:[/red] --log-level {log_level}: expected debug, info, warning or error")
+        raise typer.Exit(2)
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err, show_path=False, show_time=False)
+    logger = logging.getLogger("glm45v_npu")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 # --- chat --------------------------------------------------------------------------------------------------
@@ -68,40 +234,41 @@ def _llm(model: str, device, dtype, tp: int = 1, tp_experts: bool = False, **kwa
 CHAT_HELP = "/image PATH attaches an image to the next turn; /reset clears the history; /exit quits; /help"
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
+@engine_options
+@sampling_options(max_tokens=1024)
 def chat(
-    model: ModelOpt = "tiny-random",
-    image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="image for the first turn")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="one turn, no prompt loop")] = None,
-    no_think: Annotated[bool, typer.Option("--no-think", help="answer without reasoning")] = False,
-    max_tokens: int = 1024,
-    temperature: float = 0.8,
-    top_p: float = 0.95,
-    seed: int | None = None,
-    max_pixels: int | None = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    tp_experts: TPExpertsOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable result")] = False,
+    words: Annotated[list[str] | None, typer.Argument(metavar="[PROMPT [IMAGE...]]", show_default=False,
+                                                      help="one turn, as `ollama run` takes it: a prompt, then "
+                                                      "image paths")] = None,
+    image: Annotated[list[Path] | None, Opt("--image", "-i", metavar="PATH", help="image for the first turn "
+                                            "(repeatable)")] = None,
+    prompt: Annotated[str | None, Opt("--prompt", "-p", metavar="TEXT", help="one turn, no prompt loop")] = None,
+    system_prompt: Annotated[str | None, Opt("--system-prompt", metavar="TEXT", help="system message")] = None,
+    think: Annotated[bool | None, Opt("--think/--no-think", help="reason before answering (default: the chat "
+                                      "template's, on for GLM-4.5V)", show_default=False)] = None,
+    as_json: Annotated[bool, Opt("--json", help="print a machine-readable result")] = False,
+    engine: EngineConfig = None,
+    sampling: dict = None,
 ) -> None:
     """Chat with images, streaming the answer."""
     from .processor import open_image
-    from .sampling import SamplingParams
 
-    require(max_tokens >= 1, f"--max-tokens {max_tokens}: must be >= 1")
-    require(temperature >= 0, f"--temperature {temperature}: must be >= 0")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    words = list(words or [])
+    require(not (words and prompt is not None), "give the prompt either as --prompt or as an argument, not both")
+    if words:
+        prompt = words[0]
+        image = [*(image or []), *map(Path, words[1:])]
     pending = [open_image(p) for p in image or []]  # fail on a bad image before loading the model
-    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, max_pixels=max_pixels)
-    history: list[dict] = []
-    thinking = False if no_think else None
+    llm = _llm(engine)
+    params = llm.engine.default_sampling_params(**sampling)
+    history: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def turn(text: str) -> dict:
         content = [{"type": "image", "image": im} for im in pending] + [{"type": "text", "text": text}]
         history.append({"role": "user", "content": content})
-        result = _stream_turn(llm, history, params, thinking, quiet=as_json, one_shot=prompt is not None)
+        result = _stream_turn(llm, history, params, think, quiet=as_json, one_shot=prompt is not None)
         history.append({"role": "assistant", "content": result["answer"]})
         pending.clear()
         return result
@@ -128,7 +295,7 @@ def chat(
         if line == "/help":
             err.print(CHAT_HELP)
         elif line == "/reset":
-            history.clear()
+            del history[1 if system_prompt else 0 :]
             pending.clear()
             err.print("[dim]history cleared[/dim]")
         elif line.startswith("/image"):
@@ -141,7 +308,12 @@ def chat(
         elif line.startswith("/"):
             err.print(f"[red]unknown command {line.split()[0]}[/red]; {CHAT_HELP}")
         else:
-            result = turn(line)
+            try:
+                result = turn(line)
+            except Glm45vError as e:  # e.g. the history no longer fits the context: the session goes on
+                history.pop()
+                err.print(f"[red]error:[/red] {e}")
+                continue
             if as_json:
                 print(json.dumps(result, ensure_ascii=False))
 
@@ -149,12 +321,12 @@ def chat(
 def _stream_turn(llm, messages, params, thinking, quiet: bool, one_shot: bool) -> dict:
     """Stream one answer: reasoning dim (stderr when one-shot, so stdout pipes the answer), boxes highlighted.
     Ctrl-C stops this answer, not the session."""
-    from .output import StreamSplitter, parse_answer
+    from .answer import StreamSplitter, parse_answer
 
     splitter = StreamSplitter()
-    raw, stopped = [], False
     styles = {"reasoning": "dim", "answer": "", "box": "bold cyan"}
-    stream = llm.stream({"messages": list(messages)}, params, enable_thinking=thinking)
+    rid = llm.add_request({"messages": list(messages)}, replace(params, n=1, output_kind="delta"),
+                          enable_thinking=thinking)
 
     def show(pieces):
         if quiet:
@@ -163,49 +335,49 @@ def _stream_turn(llm, messages, params, thinking, quiet: bool, one_shot: bool) -
             console = err if (one_shot and kind == "reasoning") else out
             console.print(text, style=styles[kind], end="", markup=False)
 
+    raw, tokens, final, stopped = [], 0, None, False
     try:
-        for delta in stream:
-            raw.append(delta)
-            show(splitter.feed(delta))
+        while final is None:
+            for o in llm.step():
+                if o.request_id != rid:
+                    continue
+                piece = o.outputs[0]
+                raw.append(piece.text)
+                tokens += len(piece.token_ids)
+                show(splitter.feed(piece.text))
+                if o.finished:
+                    final = o
     except KeyboardInterrupt:
         stopped = True
-        stream.close()
+        llm.abort(rid)
     show(splitter.flush())
     if not quiet:
         out.print()
         if stopped:
             err.print("[dim](stopped)[/dim]")
     parsed = parse_answer("".join(raw))
-    result = llm.last_output
+    prompt_tokens = len(final.prompt_token_ids) if final else None
     return {"answer": parsed.answer, "reasoning": parsed.reasoning, "boxes": parsed.boxes, "raw": parsed.raw,
-            "finish_reason": "abort" if stopped else result.finish_reason,
-            "prompt_tokens": result.prompt_token_count, "completion_tokens": len(result.token_ids)}
+            "finish_reason": "abort" if stopped else final.outputs[0].finish_reason,
+            "prompt_tokens": prompt_tokens, "completion_tokens": tokens}
 
 
 # --- bench -------------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
+@engine_options
 def bench(
-    model: ModelOpt = "tiny-random",
-    load_format: Annotated[str, typer.Option(help="auto (read weights) or dummy (random, no reading)")] = "auto",
-    num_layers: Annotated[int | None, typer.Option(help="keep only the first N decoder layers")] = None,
-    batch: Annotated[int, typer.Option(help="requests submitted at once")] = 8,
-    input_len: int = 128,
-    output_len: int = 64,
-    images: Annotated[int, typer.Option(help="images per request")] = 0,
-    image_size: Annotated[str, typer.Option(help="WxH of each image")] = "448x448",
-    block_size: int | None = None,
-    kv_cache_gib: float | None = None,
-    max_num_batched_tokens: int = 4096,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    tp_experts: TPExpertsOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-    roofline: Annotated[bool, typer.Option(help="decode step at batch 1 and --batch vs its byte floor and vs "
-                                                "transformers (dummy weights, --num-layers, default 4)")] = False,
+    batch: Annotated[int, Opt("--batch", metavar="N", help="requests submitted at once")] = 8,
+    input_len: Annotated[int, Opt("--input-len", metavar="N", help="prompt tokens per request")] = 128,
+    output_len: Annotated[int, Opt("--output-len", metavar="N", help="generated tokens per request")] = 64,
+    images: Annotated[int, Opt("--images", metavar="N", help="images per request")] = 0,
+    image_size: Annotated[str, Opt("--image-size", metavar="WxH", help="size of each image")] = "448x448",
+    as_json: Annotated[bool, Opt("--json", help="print JSON instead of a table")] = False,
+    roofline: Annotated[bool, Opt("--roofline", help="decode step at batch 1 and --batch vs its byte floor and "
+                                  "vs transformers (dummy weights, --num-layers, default 4)")] = False,
+    engine: EngineConfig = None,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
     from .bench import parse_size, run_bench
@@ -214,15 +386,14 @@ def bench(
     if roofline:
         from . import roofline as rl
 
-        result = rl.roofline(model, num_layers or 4, tuple(sorted({1, batch})), input_len, device, dtype)
+        result = rl.roofline(engine.model, engine.num_layers or 4, tuple(sorted({1, batch})), input_len,
+                             engine.device, engine.dtype)
         print(json.dumps(result)) if as_json else out.print(rl.table(result))
         return
     require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
     require(images >= 0, f"--images {images}: must be >= 0")
     size = parse_size(image_size)
-    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, load_format=load_format,
-               num_layers=num_layers, block_size=block_size,
-               kv_cache_gib=kv_cache_gib, max_num_seqs=max(batch, 1), max_num_batched_tokens=max_num_batched_tokens)
+    llm = _llm(replace(engine, max_num_seqs=max(batch, engine.max_num_seqs)))
     result = run_bench(llm, batch, input_len, output_len, images, size)
     if as_json:
         print(json.dumps(result))
@@ -235,50 +406,58 @@ def bench(
 # --- caption -----------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
+@engine_options
+@sampling_options(max_tokens=256, temperature=0.0)
 def caption(
-    inputs: Annotated[list[str], typer.Argument(help="image files, folders, globs, or .txt files of paths")],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="JSONL file, appended as results finish")],
-    model: ModelOpt = "tiny-random",
-    prompt: str = "Describe this image in one sentence.",
-    batch: Annotated[int, typer.Option(help="images in flight at once")] = 16,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="descend into sub-folders")] = False,
-    overwrite: Annotated[bool, typer.Option(help="start the output afresh instead of resuming")] = False,
-    no_think: Annotated[bool, typer.Option("--no-think")] = True,
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    max_pixels: int | None = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    tensor_parallel_size: TPOpt = 1,
-    tp_experts: TPExpertsOpt = False,
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT...", help="image files, folders, globs, or .txt "
+                                                "files of paths")],
+    out_file: Annotated[Path, Opt("--out", "-o", metavar="FILE", help="JSONL file, appended as results finish")],
+    prompt: Annotated[str, Opt("--prompt", "-p", metavar="TEXT", help="what to ask about each image")] = (
+        "Describe this image in one sentence."),
+    system_prompt: Annotated[str | None, Opt("--system-prompt", metavar="TEXT", help="system message")] = None,
+    batch: Annotated[int, Opt("--batch", metavar="N", help="images in flight at once")] = 16,
+    recursive: Annotated[bool, Opt("--recursive", "-r", help="descend into sub-folders")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite/--resume", help="start the output afresh, or skip the paths "
+                                   "already in it")] = False,
+    think: Annotated[bool, Opt("--think/--no-think", help="reason before answering (slower)")] = False,
+    engine: EngineConfig = None,
+    sampling: dict = None,
 ) -> None:
     """Caption many images with continuous batching; resumable JSONL output."""
     from .caption import collect_inputs, run_caption
-    from .sampling import SamplingParams
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
-    require(temperature >= 0, f"--temperature {temperature}: must be >= 0")
     paths = collect_inputs(inputs, recursive)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    llm = _llm(model, device, dtype, tensor_parallel_size, tp_experts, max_pixels=max_pixels, max_num_seqs=batch)
-    code = run_caption(llm, paths, out_file, prompt, params, batch, overwrite, thinking=False if no_think else None,
-                       console=err)
+    llm = _llm(replace(engine, max_num_seqs=batch))
+    params = llm.engine.default_sampling_params(**sampling)
+    code = run_caption(llm, paths, out_file, prompt, params, batch, overwrite, thinking=think,
+                       system_prompt=system_prompt, console=err)
     raise typer.Exit(code)
 
 
 # --- info --------------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
-def info(model: Annotated[str | None, typer.Option("--model", "-m")] = None, device: DeviceOpt = None,
-         dtype: DtypeOpt = None, tensor_parallel_size: TPOpt = 1, tp_experts: TPExpertsOpt = False) -> None:
+def info(
+    model: Annotated[str | None, Opt("--model", "-m", metavar="NAME", help="also summarise this model (a hub id "
+                                     "fetches its config files only)")] = None,
+    revision: Annotated[str | None, Opt("--revision", metavar="REV", help="hub branch, tag or commit")] = None,
+    device: Annotated[str | None, Opt("--device", metavar="DEV", help="npu, cuda or cpu")] = None,
+    dtype: Annotated[str, Opt("--dtype", metavar="DTYPE", help="for the memory plan")] = "auto",
+    tensor_parallel_size: Annotated[int, Opt("--tensor-parallel-size", "-tp", metavar="N",
+                                             help="devices for the memory plan")] = 1,
+    enable_expert_parallel: Annotated[bool, Opt("--enable-expert-parallel/--tp-experts",
+                                                help="whole experts per device, or split experts")] = True,
+) -> None:
     """Devices, backend, versions, kernel paths, a model summary and its per-device memory plan."""
     from .info import render_info
 
-    out.print(render_info(model, device, dtype, tensor_parallel_size, not tp_experts))
+    out.print(render_info(model, device, None if dtype == "auto" else dtype, tensor_parallel_size,
+                          enable_expert_parallel, revision))
 
 
 def main() -> None:

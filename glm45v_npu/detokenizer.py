@@ -6,23 +6,23 @@ special: the output parser needs them, and the raw text should show them.
 
 from __future__ import annotations
 
-from .output import MARKERS
+from .answer import MARKERS
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool, stop: list[str]):
+    def __init__(self, tokenizer, skip_special_tokens: bool, stop: list[str], include_stop: bool = False):
         self.tok = tokenizer
         self.drop: set[int] = set()
         if tokenizer is not None and skip_special_tokens:
             keep = {tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
             self.drop = set(tokenizer.all_special_ids) - keep
-        self.stop = stop
+        self.stop, self.include_stop = stop, include_stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that could still start a stop string
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0
         self.text = ""
         self.emitted = 0
-        self.stopped = False
+        self.stopped: str | None = None  # the stop string that ended the text
 
     def _decode(self, ids: list[int]) -> str:
         if self.tok is None:
@@ -30,7 +30,8 @@ class IncrementalDetokenizer:
         return self.tok.decode([i for i in ids if i not in self.drop], skip_special_tokens=False)
 
     def add(self, token: int) -> None:
-        """Feed one token; sets `stopped` when a stop string appears (the text is cut before it)."""
+        """Feed one token; sets `stopped` when a stop string appears (the text is cut before it, or after it with
+        include_stop)."""
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix : self.read])
         now = self._decode(self.ids[self.prefix :])
@@ -38,11 +39,11 @@ class IncrementalDetokenizer:
             start = max(0, len(self.text) - self.hold)
             self.text += now[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
-            for s in self.stop:
-                i = self.text.find(s, start)
-                if i >= 0:
-                    self.text = self.text[:i]
-                    self.stopped = True
+            hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                i, s = min(hits)
+                self.text = self.text[: i + len(s) if self.include_stop else i]
+                self.stopped = s
 
     def finish(self) -> None:
         """Flush bytes still pending (an unfinished character becomes U+FFFD) unless a stop string ended it."""

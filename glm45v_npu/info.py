@@ -25,7 +25,7 @@ def kernel_paths(device: torch.device) -> dict[str, str]:
 
 
 def render_info(model: str | None, device_name: str | None, dtype: str | None = None, tp: int = 1,
-                expert_parallel: bool = True) -> Group:
+                expert_parallel: bool = True, revision: str | None = None) -> Group:
     device = platform.pick_device(device_name)
     env = Table(title="environment", show_header=False)
     env.add_column()
@@ -43,19 +43,20 @@ def render_info(model: str | None, device_name: str | None, dtype: str | None = 
         ops.add_row(op, path)
     parts = [env, ops]
     if model:
-        parts.append(model_summary(model))
-        parts.append(memory_plan(model, device, platform.pick_dtype(dtype, device), tp, expert_parallel))
+        from .config import load_config
+        from .hub import resolve_model
+
+        cfg = load_config(resolve_model(model, revision, config_only=True)[0])
+        parts.append(model_summary(model, cfg))
+        parts.append(memory_plan(cfg, device, platform.pick_dtype(dtype, device), tp, expert_parallel))
     return Group(*parts)
 
 
-def memory_plan(model: str, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool) -> Table:
+def memory_plan(cfg, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool) -> Table:
     """Per-device weight bytes and what is left for the KV cache, for tp devices (counted, not allocated)."""
-    from .config import load_config
     from .distributed import Layout
-    from .hub import resolve_model
     from .parallel import available_bytes, kv_bytes_per_token, weight_bytes_per_rank
 
-    cfg = load_config(resolve_model(model)[0])
     layout = Layout(0, tp, expert_parallel)
     layout.check(cfg)
     weights = weight_bytes_per_rank(cfg, layout, dtype)
@@ -77,14 +78,10 @@ def memory_plan(model: str, device: torch.device, dtype: torch.dtype, tp: int, e
     return t
 
 
-def model_summary(model: str) -> Table:
+def model_summary(model: str, cfg) -> Table:
     """Counts from the config alone: the model is built on the meta device, nothing is read or allocated."""
-    from .config import load_config
-    from .hub import resolve_model
     from .model.glm4v_moe import Glm4vMoe
 
-    path, _ = resolve_model(model)
-    cfg = load_config(path)
     with torch.device("meta"):
         m = Glm4vMoe(cfg)
     total = sum(p.numel() for p in m.parameters())

@@ -1,296 +1,175 @@
-"""LLM: owns the processor and the engine (block manager, scheduler, runner, sampler); generate() and stream()."""
+"""LLM: the Python API over one Engine, shaped like vLLM's (generate, chat), plus stream() and the step-level
+calls (add_request, step, abort) for callers that drive the engine themselves."""
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from . import distributed, parallel, platform
-from .config import load_config, with_num_layers
-from .detokenizer import IncrementalDetokenizer
-from .distributed import Layout
-from .engine.block_manager import BlockManager
-from .engine.scheduler import Scheduler
-from .engine.sequence import Sequence, Status
+from .engine.config import EngineConfig
+from .engine.engine import Engine, EngineStats
 from .errors import Glm45vError
-from .hub import resolve_model
-from .processor import Processor
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .progress import ProgressBar
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
 
 log = logging.getLogger("glm45v_npu")
 
+# Old argument names, accepted for one release with a warning.
+DEPRECATED = {"memory_fraction": "gpu_memory_utilization", "expert_parallel": "enable_expert_parallel"}
+# vLLM arguments that mean nothing here; accepted so vLLM scripts run unchanged.
+IGNORED = {"trust_remote_code", "disable_log_stats", "tokenizer_mode"}
 
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_count: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    error: str | None = None  # set when the request was rejected at submission
-    time_to_first_token: float | None = None
-    token_times: list[float] = field(default_factory=list)  # seconds since arrival, per generated token
-    num_cached_tokens: int = 0
+
+def engine_config(model: str | Path, **kwargs: Any) -> EngineConfig:
+    """LLM's keyword arguments -> EngineConfig: vLLM's names, the deprecated old names, dtype as a torch dtype."""
+    for old, new in DEPRECATED.items():
+        if old in kwargs:
+            warnings.warn(f"LLM({old}=...) is deprecated; use {new}=...", FutureWarning, stacklevel=3)
+            if new in kwargs:
+                raise Glm45vError(f"LLM: pass {new} or its old name {old}, not both")
+            kwargs[new] = kwargs.pop(old)
+    for name in IGNORED & set(kwargs):
+        log.info("LLM(%s=...) has no effect here", name)
+        kwargs.pop(name)
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, torch.dtype):
+        kwargs["dtype"] = str(dtype).removeprefix("torch.")
+    elif dtype == "auto":
+        kwargs["dtype"] = None
+    known = set(EngineConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise Glm45vError(f"LLM: unknown argument(s) {', '.join(unknown)}")
+    return EngineConfig(model=str(model), **kwargs)
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | Path,
-        device: str | None = None,
-        dtype: str | torch.dtype | None = None,
-        block_size: int | None = None,
-        kv_cache_gib: float | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 4096,
-        enable_prefix_caching: bool = True,
-        memory_fraction: float = 0.9,
-        max_pixels: int | None = None,
-        load_format: str = "auto",
-        num_layers: int | None = None,
-        tensor_parallel_size: int = 1,
-        expert_parallel: bool = True,
-        dist_timeout_s: float = 120.0,
-    ):
-        path, weightless = resolve_model(model)
-        if load_format not in ("auto", "dummy"):
-            raise Glm45vError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
-        if weightless and load_format != "dummy":
-            raise Glm45vError(f"--model {model}: a built-in config has no weights; add --load-format dummy")
-        if tensor_parallel_size < 1:
-            raise Glm45vError(f"--tensor-parallel-size {tensor_parallel_size}: must be >= 1")
-        self.cfg = with_num_layers(load_config(path), num_layers)
-        torchrun = distributed.env_layout()
-        world = torchrun.world if torchrun else tensor_parallel_size
-        layout = Layout(torchrun.rank if torchrun else 0, world, expert_parallel)
-        layout.check(self.cfg)  # a clear error before any process starts
-        device_type = platform.pick_device(device).type
-        self.device = parallel.rank_device(device_type, layout.rank)
-        self.dtype = platform.pick_dtype(dtype, self.device)
-        self.weight_bytes_per_rank = parallel.check_fits(self.cfg, layout, self.dtype, self.device, memory_fraction)
-        self.block_size = block_size or 16
-        spec = parallel.RankSpec(str(path), self.cfg, self.dtype, device_type, load_format, self.block_size,
-                                 kv_cache_gib, memory_fraction, max_num_batched_tokens, world, expert_parallel,
-                                 timeout_s=dist_timeout_s)
-        self.layout, self._workers, self._broken = layout, [], None
-        if world > 1:
-            spec.init_method = "env://" if torchrun else f"tcp://127.0.0.1:{distributed.free_port()}"
-            if torchrun and layout.rank > 0:  # torchrun started this process as a follower: serve, then exit
-                parallel.worker_main(layout.rank, spec)
-            if not torchrun:
-                self._workers = parallel.spawn_workers(spec)
-            if self.device.type != "cpu":
-                platform.device_module(self.device).set_device(self.device)
-            try:
-                distributed.init(layout, self.device, spec.init_method, dist_timeout_s)
-            except Exception as e:
-                self._fail(e)
-        self.processor = Processor(path, self.cfg, max_pixels=max_pixels)
-        try:
-            self.model, self.runner, num_blocks, per_block = parallel.build_rank(spec, layout, self.device,
-                                                                                progress=True)
-        except Exception as e:
-            if world > 1 and not isinstance(e, Glm45vError):
-                self._fail(e)
-            raise
-        self.max_model_len = self.cfg.text.max_position_embeddings
-        self.blocks = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.sampler = Sampler()
-        self._detok: dict[int, IncrementalDetokenizer] = {}
-        self._seqs: dict[int, Sequence] = {}
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers, world > 1)
-        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device)", num_blocks, self.block_size,
-                 num_blocks * self.block_size, num_blocks * per_block / 2**30)
+    def __init__(self, model: str | Path, **kwargs: Any):
+        self.engine = Engine(engine_config(model, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        return llm
+
+    # what the CLI and callers read
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation defaults (unless generation_config="vllm"), as vLLM's LLM gives them."""
+        return self.engine.default_sampling_params()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def close(self) -> None:
         """Stop the worker ranks (if any) and leave the process group."""
-        if self._broken is None:
-            self._finalizer()
+        self.engine.close()
 
-    def _fail(self, error: Exception):
-        """A collective failed: name the rank that died (if one did) instead of a raw backend error."""
-        for _ in range(50):  # give a dying worker a moment to be reaped, so its exit code is known
-            if any(p.exitcode is not None for p in self._workers):
-                break
-            time.sleep(0.1)
-        dead = [(i + 1, p.exitcode) for i, p in enumerate(self._workers) if p.exitcode is not None]
-        for p in self._workers:
-            if p.is_alive():
-                p.kill()
-        self._broken = (
-            f"tensor-parallel rank {dead[0][0]} died (exit code {dead[0][1]}); the run cannot go on" if dead
-            else f"a tensor-parallel collective failed ({type(error).__name__}: {error}); the run cannot go on"
-        )
-        if hasattr(self, "_finalizer"):
-            self._finalizer.detach()
-        distributed.shutdown()
-        raise Glm45vError(self._broken) from None
+    # --- step level -------------------------------------------------------------------------------------
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.blocks.num_blocks * self.block_size
+    def add_request(self, request: str | dict, params: SamplingParams | None = None,
+                    enable_thinking: bool | None = None, request_id: str | None = None) -> str:
+        return self.engine.add_request(request, params or self.get_default_sampling_params(), enable_thinking,
+                                       request_id)
 
-    # --- requests -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        return self.engine.step()
 
-    def add_request(self, request, params: SamplingParams, enable_thinking: bool | None = None) -> int:
-        """Encode and queue one request; returns its id. Raises Glm45vError when it can never fit."""
-        enc = self.processor.encode(request, enable_thinking)
-        total = len(enc.token_ids) + params.max_tokens
-        if not enc.token_ids:
-            raise Glm45vError("empty prompt")
-        if total > self.max_model_len:
-            raise Glm45vError(
-                f"prompt ({len(enc.token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.max_model_len} tokens")
-        if total > self.capacity_tokens:
-            raise Glm45vError(
-                f"prompt ({len(enc.token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the KV cache "
-                f"({self.capacity_tokens} tokens)")
-        seq = Sequence(list(enc.token_ids), len(enc.token_ids), params, enc.positions, enc.delta, enc.images)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self._detok[seq.seq_id] = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens,
-                                                         params.stop)
-        self._seqs[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        return seq.seq_id
-
-    def abort(self, request_id: int) -> None:
-        seq = self._seqs.get(request_id)
-        if seq is not None and seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, "abort")
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.engine.has_unfinished()
 
-    def step(self) -> list[Sequence]:
-        """One engine step; returns the sequences that received a token (finished ones included)."""
-        if self._broken:
-            raise Glm45vError(self._broken)
-        for seq_id in self.scheduler.released:
-            self.runner.forget(seq_id)
-        self.scheduler.released.clear()
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        inputs, seqs = self.runner.prepare(batch)
+    # --- whole requests ---------------------------------------------------------------------------------
+
+    def generate(self, prompts: str | dict | list, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 *, use_tqdm: bool = False, enable_thinking: bool | None = None) -> list[RequestOutput]:
+        """All prompts together with continuous batching; outputs in prompt order. A prompt that is malformed or
+        can never fit comes back with `error` set (and finish_reason "abort"); the others go on. If this call is
+        interrupted, its requests are aborted and the engine is left clean."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise Glm45vError(f"generate: {len(prompts)} prompts but {len(params)} SamplingParams")
+        slots: list[str | RequestOutput] = []
+        mine: set[str] = set()
+        results: dict[str, RequestOutput] = {}
+        bar = ProgressBar("generating", len(prompts)) if use_tqdm else None
         try:
-            if self.layout.world > 1:
-                if any(p.exitcode is not None for p in self._workers):
-                    raise RuntimeError("a worker exited")
-                distributed.broadcast(inputs)
-            logits = self.runner.execute(inputs)
-        except Glm45vError:
-            raise
-        except Exception as e:
-            if self.layout.world > 1:
-                self._fail(e)
-            raise
-        for seq in batch.seqs:
-            self.blocks.register(seq)
-        if not seqs:
-            return []
-        tokens, logprobs = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                        [s.token_ids for s in seqs])
-        now = time.perf_counter()
-        for seq, token, lp in zip(seqs, tokens, logprobs):
-            seq.token_ids.append(token)
-            seq.logprobs.append(lp)
-            seq.token_times.append(now - seq.arrival)
-            self._check_finish(seq, token)
-        return seqs
-
-    def _check_finish(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        detok = self._detok[seq.seq_id]
-        is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.processor.eos_token_ids)
-        if not is_stop_token:
-            detok.add(token)
-        if is_stop_token or detok.stopped:
-            reason = "stop"
-        elif seq.num_output >= p.max_tokens or len(seq) >= self.max_model_len:
-            reason = "length"
-        else:
-            return
-        detok.finish()
-        self.scheduler.finish(seq, reason)
-
-    def output(self, request_id: int, forget: bool = True) -> RequestOutput:
-        """The request's result so far; a finished request is forgotten once read (unless forget=False)."""
-        seq = self._seqs[request_id]
-        detok = self._detok[request_id]
-        out = RequestOutput(
-            request_id=request_id, prompt_token_count=seq.prompt_len, token_ids=seq.output_ids,
-            text=detok.text, logprobs=list(seq.logprobs) if seq.params.logprobs else None,
-            finish_reason=seq.finish_reason,
-            time_to_first_token=seq.token_times[0] if seq.token_times else None,
-            token_times=list(seq.token_times), num_cached_tokens=seq.num_cached,
-        )
-        if forget and seq.status is Status.FINISHED:
-            del self._seqs[request_id], self._detok[request_id]
-        return out
-
-    # --- public API ----------------------------------------------------------------------------------------
-
-    def generate(self, requests: list, params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False, enable_thinking: bool | None = None) -> list[RequestOutput]:
-        """All requests together with continuous batching; outputs in request order. A request that can never
-        fit comes back with `error` set and finish_reason "abort"; the others go on."""
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
-        if len(params_list) != len(requests):
-            raise Glm45vError(f"generate: {len(requests)} requests but {len(params_list)} SamplingParams")
-        ids: list[int | RequestOutput] = []
-        for i, (req, p) in enumerate(zip(requests, params_list)):
-            try:
-                ids.append(self.add_request(req, p, enable_thinking))
-            except Glm45vError as e:
-                ids.append(RequestOutput(request_id=-1, prompt_token_count=0, finish_reason="abort",
-                                         error=f"request {i}: {e}"))
-        bar = ProgressBar("generating", len(requests)) if progress else None
-        try:
-            while self.has_unfinished():
-                finished = [s for s in self.step() if s.status is Status.FINISHED]
-                if bar:
-                    bar.advance(len(finished))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                p = p or self.get_default_sampling_params()
+                try:
+                    rid = self.engine.add_request(prompt, replace(p, output_kind="final_only"), enable_thinking)
+                except Glm45vError as e:
+                    slots.append(_rejected(prompt, f"request {i}: {e}"))
+                    continue
+                slots.append(rid)
+                mine.add(rid)
+            while mine - results.keys():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in mine:
+                        results[out.request_id] = out
+                        if bar:
+                            bar.advance()
         finally:
             if bar:
                 bar.stop()
-        return [x if isinstance(x, RequestOutput) else self.output(x) for x in ids]
+            for rid in mine - results.keys():
+                self.engine.abort(rid, report=False)
+        return [s if isinstance(s, RequestOutput) else results[s] for s in slots]
 
-    def stream(self, request, params: SamplingParams | None = None,
+    def chat(self, messages: list, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             chat_template_kwargs: dict | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several (a list of lists), through the checkpoint's chat
+        template; `chat_template_kwargs` reach the template (e.g. enable_thinking=False)."""
+        if not isinstance(messages, list) or not messages:
+            raise Glm45vError("chat: expected a list of messages, or a list of conversations")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        requests = [{"messages": c, "chat_template_kwargs": dict(chat_template_kwargs or {})} for c in conversations]
+        return self.generate(requests, sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, request: str | dict, params: SamplingParams | None = None,
                enable_thinking: bool | None = None) -> Iterator[str]:
-        """Text deltas as tokens are sampled. Closing the iterator early aborts the request."""
-        rid = self.add_request(request, params or SamplingParams(), enable_thinking)
-        seq, detok = self._seqs[rid], self._detok[rid]
+        """Text deltas of one request as tokens are sampled; closing the iterator early aborts the request.
+        It drives the engine itself: use add_request/step when other requests share it."""
+        rid = self.engine.add_request(request, replace(params or self.get_default_sampling_params(), n=1,
+                                                       output_kind="delta"),
+                                      enable_thinking)
+        done = False
         try:
-            while seq.status is not Status.FINISHED:
-                self.step()
-                delta = detok.delta(final=seq.status is Status.FINISHED)
-                if delta:
-                    yield delta
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        if out.outputs and out.outputs[0].text:
+                            yield out.outputs[0].text
         finally:
-            self.abort(rid)
-            self.last_output = self.output(rid)  # finish reason and timings of the streamed request
+            if not done:
+                self.engine.abort(rid, report=False)
 
 
-
-def _shutdown(workers: list, multi: bool) -> None:
-    if multi:
-        try:
-            distributed.broadcast(None)
-        except Exception:  # a worker already gone: nothing to tell it
-            pass
-        for p in workers:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        distributed.shutdown()
+def _rejected(prompt: Any, error: str) -> RequestOutput:
+    return RequestOutput(request_id="", prompt=prompt if isinstance(prompt, str) else None, prompt_token_ids=[],
+                         outputs=[CompletionOutput(0, "", [], None, None, finish_reason="abort")], finished=True,
+                         metrics=RequestMetrics(arrival_time=time.perf_counter()), error=error)

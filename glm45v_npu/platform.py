@@ -67,10 +67,19 @@ def synchronize(device: torch.device) -> None:
         device_module(device).synchronize(device)
 
 
+def memory_info(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes on an accelerator, as the driver sees them (other processes included)."""
+    free, total = device_module(device).mem_get_info(device)
+    return free, total
+
+
 def total_memory(device: torch.device) -> int:
-    """Bytes on an accelerator."""
-    _, total = device_module(device).mem_get_info(device)
-    return total
+    return memory_info(device)[1]
+
+
+def allocated_memory(device: torch.device) -> int:
+    """Bytes this process holds in tensors on the device."""
+    return 0 if device.type == "cpu" else device_module(device).memory_allocated(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:

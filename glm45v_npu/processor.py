@@ -1,18 +1,30 @@
-"""Prompt-side preprocessing: images -> pixel patches and grids, token ids -> M-RoPE positions and decode delta."""
+"""Prompt-side preprocessing: requests -> token ids, pixel patches and grids, M-RoPE positions and decode delta.
+
+A request is a str (a raw prompt, as vLLM's generate takes it) or a dict with exactly one of `prompt`,
+`prompt_token_ids` or `messages`, and optionally `images` or vLLM's `multi_modal_data` ({"image": ...}).
+Every mistake in it is a Glm45vError that names the field, message, part or image at fault.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import ModelConfig
 from .engine.sequence import ImageSpan
 from .errors import Glm45vError
+
+REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "multi_modal_data", "chat_template_kwargs"}
+ROLES = ("system", "user", "assistant", "observation", "tool")
 
 
 def mrope_positions(
@@ -54,14 +66,23 @@ def mrope_positions(
     return positions, delta
 
 
-def preprocess_images(images: Sequence, image_processor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def preprocess_images(images: Sequence, image_processor, names: Sequence[str] | None = None,
+                      ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """PIL images -> pixel patches [N, 1176] (merge-window order) and grid (t, h, w) per image, through the
-    checkpoint's own transformers image processor, so resizing and normalisation match the reference."""
+    checkpoint's own transformers image processor, so resizing and normalisation match the reference. Each image
+    goes through on its own, so an image the processor refuses (aspect ratio over 200, ...) is named."""
     if not images:
         return torch.zeros(0), []
-    out = image_processor(images=list(images), return_tensors="pt")
-    grids = [tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist()]
-    return out["pixel_values"], grids
+    pixels, grids = [], []
+    for k, image in enumerate(images):
+        try:
+            out = image_processor(images=[image], return_tensors="pt")
+        except (ValueError, OSError, TypeError) as e:
+            name = names[k] if names else f"image {k + 1}"
+            raise Glm45vError(f"{name}: the image processor refuses it ({e})") from None
+        pixels.append(out["pixel_values"])
+        grids += [tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist()]
+    return torch.cat(pixels), grids
 
 
 def num_image_tokens(grid: Sequence[int], merge: int) -> int:
@@ -69,33 +90,72 @@ def num_image_tokens(grid: Sequence[int], merge: int) -> int:
     return t * h * w // (merge * merge)
 
 
-def open_image(image) -> PIL.Image.Image:  # noqa: F821
-    """A PIL image or a path -> RGB PIL image (EXIF orientation applied, first frame of animations)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def describe_image(image: Any, index: int) -> str:
+    """How errors name an image: its path, or its place in the request."""
+    if isinstance(image, (str, Path)) and not str(image).startswith("data:"):
+        return f"image {image}"
+    return f"image {index + 1} of the request"
 
+
+def open_image(image: Any, name: str | None = None):
+    """A PIL image, a path, raw bytes or a data: URI -> RGB PIL image (EXIF orientation applied, first frame of
+    animations, transparency over white, 16-bit scaled down)."""
+    from PIL import Image, ImageOps
+
+    name = name or describe_image(image, 0)
     if isinstance(image, Image.Image):
         img = image
     else:
-        path = str(image)
+        img = _decode(image, name)
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        img = ImageOps.exif_transpose(img) or img
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            background = Image.new("RGB", img.size, (255, 255, 255))
+            rgba = img.convert("RGBA")
+            background.paste(rgba, mask=rgba.split()[-1])
+            return background
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")
+        elif img.mode == "F":
+            img = img.convert("L")
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise Glm45vError(f"{name}: cannot be decoded ({e})") from None
+
+
+def _decode(source: Any, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
+        head, _, payload = str(source).partition(",")
+        if ";base64" not in head:
+            raise Glm45vError(f"{name}: only base64 data: URIs are supported")
         try:
-            img = Image.open(path)
-            img.load()
-        except FileNotFoundError:
-            raise Glm45vError(f"image {path}: no such file") from None
-        except Image.DecompressionBombError as e:
-            raise Glm45vError(f"image {path}: too many pixels ({e})") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise Glm45vError(f"image {path}: cannot be read as an image ({e})") from None
-    if getattr(img, "is_animated", False):
-        img.seek(0)
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return background
-    if img.mode == "I;16" or img.mode == "I":
-        img = img.point(lambda v: v / 256).convert("L")
-    return img.convert("RGB")
+            source = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
+    elif isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
+        raise Glm45vError(f"{name}: remote images are not fetched here; download it, or use `glm45v serve "
+                          "--allow-remote-media`")
+    elif not isinstance(source, (str, Path, bytes, bytearray)):
+        raise Glm45vError(f"{name}: expected a path, bytes, a data: URI or a PIL image, got {type(source).__name__}")
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        img = Image.open(stream)
+        img.load()
+    except FileNotFoundError:
+        raise Glm45vError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise Glm45vError(f"{name}: is a folder, not an image") from None
+    except PermissionError:
+        raise Glm45vError(f"{name}: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise Glm45vError(f"{name}: too many pixels ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise Glm45vError(f"{name}: cannot be read as an image ({e})") from None
+    return img
 
 
 @dataclass
@@ -104,12 +164,14 @@ class EncodedPrompt:
     images: list[ImageSpan]
     positions: torch.Tensor
     delta: int
+    prompt: str | None = None  # the text the ids came from, when there was one
 
 
 class Processor:
     """Chat template + tokenizer + image preprocessing, all from the checkpoint through transformers."""
 
-    def __init__(self, path: str | Path, cfg: ModelConfig, max_pixels: int | None = None):
+    def __init__(self, path: str | Path, cfg: ModelConfig, max_pixels: int | None = None,
+                 limits: dict[str, int] | None = None, image_kwargs: dict[str, Any] | None = None):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -119,30 +181,70 @@ class Processor:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             except (OSError, ValueError) as e:
                 raise Glm45vError(f"{path}: cannot load the tokenizer ({e})") from None
-        self.image_processor = _load_image_processor(Path(path), max_pixels) if cfg.is_multimodal else None
+        self.image_processor = (_load_image_processor(Path(path), max_pixels, image_kwargs or {})
+                                if cfg.is_multimodal else None)
+        self.max_images = (limits or {}).get("image")
         self.merge = cfg.vision.spatial_merge_size if cfg.vision else 1
-        self.eos_token_ids = _eos_ids(Path(path), cfg, self.tokenizer)
+        self.eos_token_ids = checkpoint_eos_ids(Path(path), cfg, self.tokenizer)
 
-    def encode(self, request, enable_thinking: bool | None = None) -> EncodedPrompt:
+    @property
+    def max_image_patches(self) -> int:
+        """Patches of the largest image the image processor produces (its pixel budget over the patch area)."""
+        if self.image_processor is None:
+            return 0
+        return int(self.image_processor.size.longest_edge) // self.image_processor.patch_size**2
+
+    def encode(self, request: str | dict, enable_thinking: bool | None = None) -> EncodedPrompt:
         if isinstance(request, str):
-            request = {"messages": [{"role": "user", "content": request}]}
+            request = {"prompt": request}
         if not isinstance(request, dict):
-            raise Glm45vError(f"request must be a str or a dict, got {type(request).__name__}")
-        images = list(request.get("images") or [])
-        if self.tokenizer is None and "prompt_token_ids" not in request:
+            raise Glm45vError(f"a request must be a str or a dict, got {type(request).__name__}")
+        unknown = sorted(set(request) - REQUEST_KEYS)
+        if unknown:
+            raise Glm45vError(f"request: unknown key(s) {', '.join(map(repr, unknown))}; expected one of "
+                              "'prompt', 'prompt_token_ids' or 'messages', with 'images' or 'multi_modal_data'")
+        forms = [k for k in ("prompt", "prompt_token_ids", "messages") if k in request]
+        if len(forms) != 1:
+            raise Glm45vError("request: needs exactly one of 'prompt', 'prompt_token_ids' or 'messages'"
+                              + (f", got {' and '.join(forms)}" if forms else ""))
+        images = _request_images(request)
+        form = forms[0]
+        if form != "prompt_token_ids" and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: this model has no tokenizer; pass prompt_token_ids")
-        if "messages" in request:
+        text = None
+        if form == "messages":
+            if images:
+                raise Glm45vError("request: with 'messages', put images in the messages' content parts")
             messages, images = _split_images(request["messages"])
-            kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+            kwargs = dict(request.get("chat_template_kwargs") or {})
+            if enable_thinking is not None:
+                kwargs["enable_thinking"] = enable_thinking
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                          **kwargs)
+            except Exception as e:  # jinja raises its own types for a message the template cannot render
+                raise Glm45vError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})") from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif "prompt" in request:
-            ids = self.tokenizer.encode(request["prompt"], add_special_tokens=False)
-        elif "prompt_token_ids" in request:
-            ids = [int(i) for i in request["prompt_token_ids"]]
+        elif form == "prompt":
+            text = request["prompt"]
+            if not isinstance(text, str):
+                raise Glm45vError(f"request: 'prompt' must be a string, got {type(text).__name__}")
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
-            raise Glm45vError("request dict needs one of 'messages', 'prompt' or 'prompt_token_ids'")
-        return self.expand(ids, images)
+            ids = request["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                             for i in ids):
+                raise Glm45vError("request: 'prompt_token_ids' must be a list of integers")
+            vocab = self.cfg.text.vocab_size
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise Glm45vError(f"request: prompt_token_ids holds {bad[0]}, outside the vocabulary (0..{vocab - 1})")
+            ids = list(ids)
+        if not ids:
+            raise Glm45vError("request: the prompt is empty")
+        enc = self.expand(ids, images)
+        enc.prompt = text
+        return enc
 
     def expand(self, ids: list[int], images: list) -> EncodedPrompt:
         """Each single image placeholder becomes that image's token run; positions follow."""
@@ -152,8 +254,11 @@ class Processor:
             raise Glm45vError(f"the prompt has {len(placeholders)} image placeholder(s) but {len(images)} image(s)")
         if images and self.image_processor is None:
             raise Glm45vError(f"{self.cfg.source}: this is a text-only checkpoint; it cannot take images")
-        opened = [open_image(im) for im in images]
-        pixels, grids = preprocess_images(opened, self.image_processor) if opened else (None, [])
+        if self.max_images is not None and len(images) > self.max_images:
+            raise Glm45vError(f"the request has {len(images)} images; limit_mm_per_prompt allows {self.max_images}")
+        names = [describe_image(im, k) for k, im in enumerate(images)]
+        opened = [open_image(im, name) for im, name in zip(images, names)]
+        pixels, grids = preprocess_images(opened, self.image_processor, names) if opened else (None, [])
         out, spans, patch = [], [], 0
         prev = 0
         for k, where in enumerate(placeholders):
@@ -171,27 +276,61 @@ class Processor:
         return EncodedPrompt(out, spans, positions, delta)
 
 
-def _split_images(messages: list) -> tuple[list, list]:
+def _request_images(request: dict) -> list:
+    images = request.get("images")
+    mm = request.get("multi_modal_data")
+    if images is not None and mm is not None:
+        raise Glm45vError("request: pass images either as 'images' or as 'multi_modal_data', not both")
+    if mm is not None:
+        if not isinstance(mm, dict):
+            raise Glm45vError("request: 'multi_modal_data' must be a dict such as {'image': [...]}")
+        unknown = sorted(set(mm) - {"image"})
+        if unknown:
+            raise Glm45vError(f"request: multi_modal_data kind(s) {', '.join(map(repr, unknown))} are not "
+                              "supported (only 'image')")
+        images = mm.get("image")
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _split_images(messages: Any) -> tuple[list, list]:
     """OpenAI-style messages -> messages with bare image parts (for the template) and the images in order."""
+    if not isinstance(messages, list) or not messages:
+        raise Glm45vError("messages: expected a non-empty list of {'role', 'content'} objects")
     images, out = [], []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                kind = part.get("type")
-                if kind in ("image", "image_url"):
-                    src = part.get("image") or part.get("path") or part.get("url") or part.get("image_url")
-                    if isinstance(src, dict):
-                        src = src.get("url")
-                    if src is None:
-                        raise Glm45vError(f"image part without an image: {part!r}")
-                    images.append(src)
-                    parts.append({"type": "image"})
-                else:
-                    parts.append(part)
-            m = {**m, "content": parts}
-        out.append(m)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise Glm45vError(f"messages[{i}]: expected an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if content is None or isinstance(content, str):
+            out.append({**m, "content": content or ""})
+            continue
+        if not isinstance(content, list):
+            raise Glm45vError(f"messages[{i}].content: expected a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict):
+                raise Glm45vError(f"{where}: expected an object with a 'type'")
+            kind = part.get("type")
+            if kind in ("image", "image_url"):
+                src = part.get("image") or part.get("path") or part.get("url") or part.get("image_url")
+                if isinstance(src, dict):
+                    src = src.get("url")
+                if src is None:
+                    raise Glm45vError(f"{where}: image part without an image")
+                images.append(src)
+                parts.append({"type": "image"})
+            elif kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise Glm45vError(f"{where}.text: expected a string")
+                parts.append(part)
+            else:
+                raise Glm45vError(f"{where}.type: {kind!r} is not supported (text, image or image_url)")
+        out.append({**m, "content": parts})
     return out, images
 
 
@@ -202,11 +341,10 @@ def image_processor_class():
     return getattr(transformers, "Glm4vImageProcessorPil", None) or transformers.Glm4vImageProcessor
 
 
-def _load_image_processor(path: Path, max_pixels: int | None):
-    Glm4vImageProcessorPil = image_processor_class()
-
+def _load_image_processor(path: Path, max_pixels: int | None, extra: dict[str, Any]):
+    cls = image_processor_class()
     file = path / "preprocessor_config.json"
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if file.is_file():
         raw = json.loads(file.read_text())
         size = raw.get("size") or {}
@@ -214,14 +352,37 @@ def _load_image_processor(path: Path, max_pixels: int | None):
                   if k in raw}
         if size:
             kwargs["size"] = dict(size)
+    size = kwargs.setdefault("size", dict(cls.size))
+    for ours, theirs in (("max_pixels", "longest_edge"), ("min_pixels", "shortest_edge")):
+        if ours in extra:
+            size[theirs] = int(extra[ours])
     if max_pixels is not None:
-        size = kwargs.setdefault("size", {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 15000})
         size["longest_edge"] = min(size.get("longest_edge", max_pixels), max_pixels)
-        size["shortest_edge"] = min(size.get("shortest_edge", 0), size["longest_edge"])
-    return Glm4vImageProcessorPil(**kwargs)
+    size["shortest_edge"] = min(size.get("shortest_edge", 0), size["longest_edge"])
+    try:
+        return cls(**kwargs, **{k: v for k, v in extra.items() if k not in ("max_pixels", "min_pixels")})
+    except (TypeError, ValueError) as e:
+        raise Glm45vError(f"mm_processor_kwargs {extra!r}: the image processor refuses them ({e})") from None
 
 
-def _eos_ids(path: Path, cfg: ModelConfig, tokenizer) -> list[int]:
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json, under SamplingParams' names."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Glm45vError(f"{file}: not valid JSON ({e})") from None
+    return {ours: raw[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if raw.get(theirs) is not None}
+
+
+def checkpoint_eos_ids(path: Path, cfg: ModelConfig, tokenizer) -> list[int]:
+    """Every id that ends an answer: config.json's eos ids, generation_config.json's, else the tokenizer's."""
     ids = list(cfg.text.eos_token_ids)
     gen = path / "generation_config.json"
     if gen.is_file():

@@ -13,8 +13,7 @@ import torch
 
 from . import platform
 from .config import ModelConfig, load_config, with_num_layers
-from .context import ForwardContext
-from .engine.runner import allocate_kv_cache, release_kv_cache
+from .engine.runner import ModelRunner, StepInputs, release_kv_cache
 from .hub import resolve_model
 from .model.glm4v_moe import build_model
 from .model.loader import init_dummy_weights
@@ -62,33 +61,44 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2) ->
 @torch.inference_mode()
 def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: torch.device, steps: int = 20,
                   block_size: int = 16) -> float:
+    """One decode step of `batch` sequences at `context` tokens, through the runner (the path every engine step
+    takes: step context built from host lists, embed, layers, logits), median of `steps`."""
     blocks_per_seq = -(-(context + 1) // block_size)
-    allocate_kv_cache(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
+    runner = ModelRunner(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
-    ctx = ForwardContext.build([1] * batch, [context + 1] * batch, tables, block_size, device)
-    ids = torch.randint(0, cfg.text.vocab_size, (batch,), device=device)
-    positions = torch.full((3, batch), context, device=device)
+    ids = torch.randint(0, cfg.text.vocab_size, (batch,)).tolist()
+    inputs = StepInputs(ids, torch.full((3, batch), context), [1] * batch, [context + 1] * batch, tables,
+                        list(range(batch)))
 
     def step():
-        model.logits(model(model.embed(ids), positions, ctx)).argmax(-1)
+        runner.execute(inputs).argmax(-1)
 
-    for _ in range(3):
-        step()
-    platform.synchronize(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    platform.synchronize(device)
-    elapsed = (time.perf_counter() - t) / steps
+    times = _timed(step, device, steps, warmup=3)
     release_kv_cache(model)
-    return elapsed
+    return times
+
+
+def _timed(fn, device: torch.device, steps: int, warmup: int) -> float:
+    """Median seconds of fn over `steps` calls, each synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        platform.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        platform.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 @torch.inference_mode()
 def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, device: torch.device,
-                           dtype: torch.dtype, new_tokens: int = 8) -> float:
-    """Per-token decode time of transformers' generate (greedy, static prompt), same config and layer count."""
-    from transformers import AutoConfig, GenerationConfig, Glm4vMoeForConditionalGeneration
+                           dtype: torch.dtype, steps: int = 16) -> float:
+    """transformers' decode step on the same config and layer count: the prompt is prefilled once, then the
+    median of `steps` one-token forwards over that cache (cut back to the prompt after each), so prefill and
+    generate's bookkeeping stay out of the figure."""
+    from transformers import AutoConfig, Glm4vMoeForConditionalGeneration
 
     config = AutoConfig.from_pretrained(cfg_path)
     config.text_config.num_hidden_layers = num_layers
@@ -99,19 +109,20 @@ def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, 
             model = Glm4vMoeForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    ids = torch.randint(0, min(config.text_config.vocab_size, config.image_start_token_id), (batch, context), device=device)
+    high = min(config.text_config.vocab_size, config.image_start_token_id)
+    ids = torch.randint(0, high, (batch, context), device=device)
+    zeros = torch.zeros_like(ids, dtype=torch.int)
+    out = model(input_ids=ids, mm_token_type_ids=zeros, use_cache=True)
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    position = torch.full((3, batch, 1), context, device=device)
 
-    def run(n: int) -> float:
-        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        platform.synchronize(device)
-        t = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-        platform.synchronize(device)
-        return time.perf_counter() - t
+    def step():
+        model(input_ids=token, past_key_values=cache, position_ids=position,
+              mm_token_type_ids=torch.zeros_like(token, dtype=torch.int), use_cache=True).logits.argmax(-1)
+        cache.crop(context)
 
-    run(2)
-    one = run(1)
-    return (run(1 + new_tokens) - one) / new_tokens
+    return _timed(step, device, steps, warmup=2)
 
 
 def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, ...] = (1, 32), context: int = 512,

@@ -6,6 +6,8 @@ one, so every command and test runs on a fresh machine with no download. Its ans
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +50,20 @@ TEXT = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_d
             partial_rotary_factor=0.5, mrope_section=[2, 3, 3], n_routed_experts=8, num_experts_per_tok=2,
             n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, first_k_dense_replace=1,
             num_hidden_layers=3, moe_intermediate_size=24, attention_bias=True)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No transformers progress bar ("Writing model shards") in the output of the command that made the model."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def save_tokenizer(path: Path) -> None:
@@ -115,7 +131,8 @@ def write_vl_checkpoint(path: Path, text: dict | None = None, seed: int = 0, max
     torch.manual_seed(seed)
     model = Glm4vMoeForConditionalGeneration(cfg).eval()
     spread_init(model, seed)
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    with _quiet():
+        model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     image_processor().save_pretrained(path)
     save_tokenizer(path)
     return model
@@ -128,6 +145,7 @@ def write_text_checkpoint(path: Path, text: dict, seed: int = 0):
     torch.manual_seed(seed)
     model = Glm4MoeForCausalLM(Glm4MoeConfig(**text_kwargs(text))).eval()
     spread_init(model, seed)
-    model.save_pretrained(path)
+    with _quiet():
+        model.save_pretrained(path)
     save_tokenizer(path)
     return model

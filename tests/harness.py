@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glm45v_npu.context import ForwardContext
-from glm45v_npu.engine.runner import allocate_kv_cache
+from glm45v_npu.engine.runner import ModelRunner, StepInputs
 from glm45v_npu.processor import mrope_positions, num_image_tokens, preprocess_images
 from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, TEXT_TOKENS, image_processor
 
@@ -21,12 +20,13 @@ def build_prompt(text_lens: list[int], grids: list[tuple[int, int, int]], seed: 
 
 
 class PagedRunner:
-    """One sequence at a time through our model, with blocks handed out in a shuffled order."""
+    """One sequence at a time through our model via the engine's ModelRunner, with blocks handed out in a
+    shuffled order."""
 
     def __init__(self, model, block_size: int = 4, num_blocks: int = 256):
         self.model, self.block_size = model, block_size
         dtype = next(model.language_model.parameters()).dtype
-        allocate_kv_cache(model, num_blocks, block_size, torch.device("cpu"), dtype)
+        self.runner = ModelRunner(model, num_blocks, block_size, torch.device("cpu"), dtype)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
 
     def blocks_for(self, table: list[int], length: int) -> list[int]:
@@ -34,37 +34,36 @@ class PagedRunner:
             table.append(self.free.pop())
         return table
 
-    @torch.inference_mode()
     def prefill(self, ids: list[int], images=(), chunks: list[int] | None = None):
         """Returns logits for every prompt token [T, V], and the state to continue decoding."""
         m = self.model
         merge = m.cfg.vision.spatial_merge_size if m.cfg.vision else 2
         pixels, grids = preprocess_images(list(images), image_processor())
         positions, delta = mrope_positions(ids, m.cfg.image_token_id, grids, merge)
-        image_embeds = torch.cat(m.encode_images(pixels, grids)) if grids else None
-        embeds = m.embed(torch.tensor(ids))
-        if image_embeds is not None:
-            embeds[torch.tensor(ids) == m.cfg.image_token_id] = image_embeds
+        encode = [(0, list(pixels.split([t * h * w for t, h, w in grids])), grids)] if grids else []
+        image_index = torch.cumsum(torch.tensor([t == m.cfg.image_token_id for t in ids]), 0) - 1  # embeds row
         table: list[int] = []
         out, done = [], 0
         for n in chunks or [len(ids)]:
             self.blocks_for(table, done + n)
-            ctx = ForwardContext.build([n], [done + n], [table], self.block_size)
-            hidden = m(embeds[done : done + n], positions[:, done : done + n], ctx)
-            out.append(m.logits(hidden))
+            rows = [(0, int(image_index[i]), i - done, 1) for i in range(done, done + n)
+                    if ids[i] == m.cfg.image_token_id]
+            last = done + n >= len(ids)
+            inputs = StepInputs(ids[done : done + n], positions[:, done : done + n], [n], [done + n], [list(table)],
+                                list(range(n)), encode=encode, image_rows=rows, release=[0] if last else [])
+            out.append(self.runner.execute(inputs))
+            encode = []
             done += n
         return torch.cat(out), {"table": table, "len": len(ids), "delta": delta}
 
-    @torch.inference_mode()
     def decode(self, states: list[dict], tokens: list[int]) -> torch.Tensor:
         """One token for each sequence in one batched step; returns logits [B, V]."""
-        m = self.model
         for s in states:
             self.blocks_for(s["table"], s["len"] + 1)
-        ctx = ForwardContext.build([1] * len(states), [s["len"] + 1 for s in states],
-                                   [s["table"] for s in states], self.block_size)
         pos = torch.tensor([s["len"] + s["delta"] for s in states]).expand(3, -1)
-        logits = m.logits(m(m.embed(torch.tensor(tokens)), pos, ctx))
+        inputs = StepInputs(list(tokens), pos, [1] * len(states), [s["len"] + 1 for s in states],
+                            [list(s["table"]) for s in states], list(range(len(states))))
+        logits = self.runner.execute(inputs)
         for s in states:
             s["len"] += 1
         return logits

@@ -62,17 +62,23 @@ def _requests(n_text_only: int, with_images: bool):
     return out
 
 
+def token_logprobs(completion):
+    """The sampled tokens' logprobs of a CompletionOutput."""
+    return [entry[t].logprob for entry, t in zip(completion.logprobs, completion.token_ids)]
+
+
 def _check_parity(path, ref, requests, max_tokens, **llm_kwargs):
     llm = LLM(path, block_size=4, **llm_kwargs)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate([r for r, _, _ in requests], params)
     for out, (_, images, ids) in zip(outs, requests):
-        assert out.error is None and out.finish_reason == "length"
-        assert out.prompt_token_count == len(ids)
-        assert out.token_ids == _reference_generate(ref, ids, images, max_tokens)
-        logp = torch.log_softmax(reference_logits(ref, ids + out.token_ids[:-1], images)[len(ids) - 1 :], -1)
-        expected = logp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(out.logprobs), expected, atol=2e-3)
+        c = out.outputs[0]
+        assert out.error is None and c.finish_reason == "length"
+        assert len(out.prompt_token_ids) == len(ids)
+        assert c.token_ids == _reference_generate(ref, ids, images, max_tokens)
+        logp = torch.log_softmax(reference_logits(ref, ids + c.token_ids[:-1], images)[len(ids) - 1 :], -1)
+        expected = logp.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(token_logprobs(c)), expected, atol=2e-3)
     return llm
 
 
@@ -83,30 +89,33 @@ def test_greedy_matches_transformers_generate_under_preemption(vl):
     per_block = 2 * ref.config.text_config.num_hidden_layers * 4 * 2 * 16 * 4
     llm = _check_parity(path, ref, requests, max_tokens=12, kv_cache_gib=40 * per_block / 2**30,
                         max_num_batched_tokens=48)
-    assert llm.scheduler.preemptions > 0
-    assert llm.blocks.num_free == llm.blocks.num_blocks
+    stats = llm.stats()
+    assert stats.preemptions > 0
+    assert stats.free_blocks == stats.num_blocks
 
 
 def test_greedy_matches_transformers_for_text_model_with_qk_norm(text_qk):
     path, ref = text_qk
     llm = _check_parity(path, ref, _requests(n_text_only=6, with_images=False), max_tokens=10,
                         kv_cache_gib=0.001, max_num_batched_tokens=16)
-    assert llm.blocks.num_free == llm.blocks.num_blocks
+    assert llm.stats().free_blocks == llm.stats().num_blocks
 
 
 def test_prefix_cache_hits_and_changes_nothing(vl):
     path, _ = vl
     requests = [r for r, _, _ in _requests(n_text_only=2, with_images=True)]
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
     off = LLM(path, block_size=4, kv_cache_gib=0.01, enable_prefix_caching=False).generate(requests, params)
     llm = LLM(path, block_size=4, kv_cache_gib=0.01)
     on = llm.generate(requests, params)
-    assert llm.blocks.hits == 0
+    assert llm.stats().prefix_cache_hit_tokens == 0
     again = llm.generate(requests, params)
-    assert llm.blocks.hits > 0 and all(o.num_cached_tokens > 0 for o in again if o.prompt_token_count > 4)
+    assert llm.stats().prefix_cache_hit_tokens > 0
+    assert all(o.num_cached_tokens > 0 for o in again if len(o.prompt_token_ids) > 4)
     for a, b, c in zip(off, on, again):
+        a, b, c = a.outputs[0], b.outputs[0], c.outputs[0]
         assert a.token_ids == b.token_ids == c.token_ids
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(token_logprobs(a)), torch.tensor(token_logprobs(c)), atol=1e-5)
 
 
 def test_equal_text_with_different_images_shares_no_image_block(vl):
@@ -117,16 +126,16 @@ def test_equal_text_with_different_images_shares_no_image_block(vl):
     a = {"prompt_token_ids": ids, "images": [random_image(56, 56, 1)]}
     b = {"prompt_token_ids": ids, "images": [random_image(56, 56, 2)]}
     llm.generate([a], params)
-    hits = llm.blocks.hits
+    hits = llm.stats().prefix_cache_hit_tokens
     out = llm.generate([b], params)[0]
-    assert out.num_cached_tokens == 8 and llm.blocks.hits - hits == 8  # the two text-only blocks, nothing more
+    assert out.num_cached_tokens == 8 and llm.stats().prefix_cache_hit_tokens - hits == 8  # the two text blocks
     out = llm.generate([a], params)[0]
     assert out.num_cached_tokens > 8  # the same image is shared
 
 
 def test_random_run_returns_every_block(vl):
     path, _ = vl
-    llm = LLM(path, block_size=4, kv_cache_gib=0.0005, max_num_seqs=8, max_num_batched_tokens=32)
+    llm = LLM(path, block_size=4, kv_cache_gib=0.00012, max_num_seqs=8, max_num_batched_tokens=32)
     rng = random.Random(0)
     stops = ["a", "e", "xyz", "\n"]
     submitted = []
@@ -141,41 +150,70 @@ def test_random_run_returns_every_block(vl):
                                 stop=[rng.choice(stops)] if rng.random() < 0.4 else [],
                                 ignore_eos=rng.random() < 0.5)
         submitted.append(llm.add_request({"prompt_token_ids": ids, "images": images}, params))
-    steps = 0
+    steps, finals = 0, {}
     while llm.has_unfinished():
-        llm.step()
+        for out in llm.step():
+            if out.finished:
+                assert out.request_id not in finals  # reported finished exactly once
+                finals[out.request_id] = out.outputs[0].finish_reason
         steps += 1
         if steps % 3 == 0:
             llm.abort(rng.choice(submitted))
-    outs = [llm.output(r) for r in submitted]
-    assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
-    assert {"stop", "length", "abort"} <= {o.finish_reason for o in outs}
-    assert llm.blocks.num_free == llm.blocks.num_blocks
-    assert all(r == 0 for r in llm.blocks.ref)
+    assert sorted(finals) == sorted(submitted)
+    assert {"stop", "length", "abort"} == set(finals.values())
+    engine = llm.engine
+    stats = llm.stats()
+    assert stats.preemptions > 0 and stats.free_blocks == stats.num_blocks and stats.requests == 0
+    assert all(r == 0 for r in engine.blocks.ref)
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.runner.image_embeds == {} and not engine.runner.encoded and not engine.runner.pending_release
 
 
-def test_finish_reasons(vl):
+def first(out):
+    return out.outputs[0]
+
+
+def test_finish_reasons(vl, tmp_path):
     path, _ = vl
     llm = LLM(path, block_size=4, kv_cache_gib=0.01)
     req = {"prompt_token_ids": [5, 6, 7, 8, 9]}
-    free = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    free = first(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0])
     assert free.finish_reason == "length" and len(free.token_ids) == 12
     third = free.token_ids[2]
-    by_id = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                               stop_token_ids=[third]))[0]
+    by_id = first(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                     stop_token_ids=[third]))[0])
     assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(third) + 1]
-    eos = free.token_ids[1]
-    llm.processor.eos_token_ids = [eos]
-    by_eos = llm.generate([req], SamplingParams(max_tokens=12, temperature=0))[0]
-    assert by_eos.finish_reason == "stop" and by_eos.token_ids[-1] == eos
-    assert len(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids) == 12
+    assert by_id.stop_reason == third
     text = free.text
     assert len(text) > 4
     stop = text[2:4]
-    by_str = llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
-    assert by_str.finish_reason == "stop" and by_str.text == text[: text.index(stop)]
+    by_str = first(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0])
+    assert by_str.finish_reason == "stop" and by_str.text == text[: text.index(stop)] and by_str.stop_reason == stop
     streamed = "".join(llm.stream(req, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])))
     assert streamed == by_str.text
+
+
+def test_eos_ids_come_from_config_and_generation_config(vl, tmp_path):
+    """The checkpoint's own lists: config.json's eos ids and generation_config.json's, both honoured."""
+    import json
+    import shutil
+
+    path, ref = vl
+    req = {"prompt_token_ids": [5, 6, 7, 8, 9]}
+    free = first(LLM(path, block_size=4, kv_cache_gib=0.01).generate(
+        [req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0])
+    eos = free.token_ids[1]
+    config_eos = ref.config.text_config.eos_token_id
+    assert eos not in config_eos
+    copy = shutil.copytree(path, tmp_path / "ckpt")
+    gen = json.loads((copy / "generation_config.json").read_text())
+    gen["eos_token_id"] = [eos]
+    (copy / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(copy, block_size=4, kv_cache_gib=0.01)
+    assert set(llm.engine.processor.eos_token_ids) == {eos, *config_eos}
+    by_eos = first(llm.generate([req], SamplingParams(max_tokens=12, temperature=0))[0])
+    assert by_eos.finish_reason == "stop" and by_eos.token_ids[-1] == eos and by_eos.stop_reason is None
+    assert len(first(llm.generate([req], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]).token_ids) == 12
 
 
 def test_request_that_can_never_fit_is_rejected_and_others_go_on(vl):
@@ -184,10 +222,27 @@ def test_request_that_can_never_fit_is_rejected_and_others_go_on(vl):
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     huge = {"prompt_token_ids": list(range(3, 200)) * 3}
     outs = llm.generate([{"prompt_token_ids": [5, 6]}, huge, {"prompt_token_ids": [7, 8]}], params)
-    assert outs[1].error and "exceeds the KV cache" in outs[1].error and outs[1].finish_reason == "abort"
-    assert len(outs[0].token_ids) == 4 and len(outs[2].token_ids) == 4
+    assert outs[1].error and "exceeds the KV cache" in outs[1].error and first(outs[1]).finish_reason == "abort"
+    assert len(first(outs[0]).token_ids) == 4 and len(first(outs[2]).token_ids) == 4
     with pytest.raises(Glm45vError, match="image placeholder"):
         llm.add_request({"prompt_token_ids": [5, IMAGE_TOKEN], "images": []}, params)
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_rejected(vl):
+    path, ref = vl
+    context = ref.config.text_config.max_position_embeddings
+    llm = LLM(path, block_size=4, kv_cache_gib=0.01, max_model_len=64)
+    with pytest.raises(Glm45vError, match=r"prompt \(5 tokens\) \+ max_tokens \(60\) exceeds the model's context of "
+                                          r"64 tokens"):
+        llm.add_request({"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=60))
+    out = first(llm.generate({"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(max_tokens=59, temperature=0,
+                                                                                     ignore_eos=True))[0])
+    assert len(out.token_ids) == 59 and out.finish_reason == "length"
+    unbounded = first(llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=None, temperature=0,
+                                                                                 ignore_eos=True))[0])
+    assert len(unbounded.token_ids) == 62  # max_tokens=None: until the context is full
+    with pytest.raises(Glm45vError, match=f"max_model_len=99999: the model's context is {context} tokens"):
+        LLM(path, max_model_len=99999)
 
 
 def test_seeded_sampling_reproduces_across_batches(vl):
@@ -195,12 +250,12 @@ def test_seeded_sampling_reproduces_across_batches(vl):
     llm = LLM(path, block_size=4, kv_cache_gib=0.01)
     req = {"prompt_token_ids": [5, 6, 7, 8, 9, 10]}
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=5)
-    alone = llm.generate([req], params)[0].token_ids
+    alone = first(llm.generate([req], params)[0]).token_ids
     other = {"prompt_token_ids": [11, 12, 13]}
-    crowded = llm.generate([other, req, other], [SamplingParams(max_tokens=7, temperature=1.0), params,
-                                                 SamplingParams(max_tokens=3, temperature=0)])[1].token_ids
+    crowded = first(llm.generate([other, req, other], [SamplingParams(max_tokens=7, temperature=1.0), params,
+                                                       SamplingParams(max_tokens=3, temperature=0)])[1]).token_ids
     assert alone == crowded
-    assert llm.generate([req], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=6))[0].token_ids != alone
+    assert first(llm.generate([req], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=6))[0]).token_ids != alone
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from glm45v_npu.config import load_config
 from glm45v_npu.errors import Glm45vError
-from glm45v_npu.output import StreamSplitter, parse_answer
+from glm45v_npu.answer import StreamSplitter, parse_answer
 from glm45v_npu.processor import Processor, open_image
 from glm45v_npu.tiny_random import write_vl_checkpoint
 from tests.tiny import random_image
@@ -22,17 +22,16 @@ def ckpt(tmp_path_factory):
 
 
 def _hf_processor(path, monkeypatch):
-    from transformers import AutoTokenizer, Glm4vProcessor
+    """transformers' processor built from the checkpoint folder alone (nothing of ours): AutoImageProcessor and
+    AutoTokenizer. AutoProcessor itself needs torchvision for the video processor, which images do not use."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Glm4vProcessor
 
-    from glm45v_npu.processor import _load_image_processor
-
-    # Without torchvision transformers cannot even look up the video processor class; images do not need it.
     check = Glm4vProcessor.check_argument_for_proper_class
     monkeypatch.setattr(Glm4vProcessor, "check_argument_for_proper_class",
                         lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
     tok = AutoTokenizer.from_pretrained(path)
-    return Glm4vProcessor(image_processor=_load_image_processor(path, None), tokenizer=tok, video_processor=None,
-                          chat_template=tok.chat_template)
+    return Glm4vProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
+                          video_processor=None, chat_template=tok.chat_template)
 
 
 def _conversation():
@@ -71,7 +70,10 @@ def test_request_forms_agree(ckpt):
     raw = ours.encode({"prompt": text, "images": [img]})
     ids = ours.encode({"prompt_token_ids": ours.tokenizer.encode(text, add_special_tokens=False), "images": [img]})
     assert chat.token_ids == raw.token_ids == ids.token_ids
-    assert ours.encode("hi").token_ids == ours.encode({"messages": [{"role": "user", "content": "hi"}]}).token_ids
+    # a bare string is one raw prompt, as vLLM's generate takes it (the chat template is for messages)
+    assert ours.encode("hi").token_ids == ours.encode({"prompt": "hi"}).token_ids == ours.tokenizer.encode("hi")
+    mm = ours.encode({"prompt": text, "multi_modal_data": {"image": img}})
+    assert mm.token_ids == raw.token_ids and torch.equal(mm.images[0].pixels, raw.images[0].pixels)
     with pytest.raises(Glm45vError, match="1 image placeholder"):
         ours.encode({"prompt": text, "images": []})
 

@@ -15,7 +15,7 @@ N = 20000
 def _samples(params: SamplingParams, n: int = N) -> torch.Tensor:
     """n draws from one distribution, as one batch of n rows with seeded generators."""
     g = torch.Generator().manual_seed(0)
-    tokens, _ = Sampler()(LOGITS.expand(n, -1).clone(), [params] * n, [g] * n, [[]] * n)
+    tokens = Sampler()(LOGITS.expand(n, -1).clone(), [params] * n, [g] * n, [[]] * n).tokens
     return torch.bincount(torch.tensor(tokens), minlength=6).float() / n
 
 
@@ -59,7 +59,8 @@ def test_filters_compose():
 
 def test_greedy_is_argmax_and_logprob_is_raw():
     logits = torch.randn(5, 50)
-    tokens, lps = Sampler()(logits.clone(), [SamplingParams(temperature=0)] * 5, [None] * 5, [[]] * 5)
+    tokens, lps, ranks, _ = Sampler()(logits.clone(), [SamplingParams(temperature=0)] * 5, [None] * 5, [[]] * 5)
+    assert ranks == [1] * 5
     assert tokens == logits.argmax(-1).tolist()
     assert torch.allclose(torch.tensor(lps), torch.log_softmax(logits, -1).max(-1).values)
 
@@ -70,7 +71,7 @@ def test_equal_seeds_equal_samples():
         out = []
         for _ in range(30):
             out += Sampler()(torch.randn(1, 100, generator=torch.Generator().manual_seed(len(out))),
-                             [SamplingParams(temperature=1.0)], [g], [[]])[0]
+                             [SamplingParams(temperature=1.0)], [g], [[]]).tokens
         return out
 
     assert run(7) == run(7) and run(7) != run(8)
@@ -78,7 +79,7 @@ def test_equal_seeds_equal_samples():
 
 def test_repetition_penalty_lowers_seen_tokens():
     logits = torch.tensor([[2.0, -1.0, 1.9]])
-    tokens, _ = Sampler()(logits.clone(), [SamplingParams(temperature=0, repetition_penalty=1.5)], [None], [[0]])
+    tokens = Sampler()(logits.clone(), [SamplingParams(temperature=0, repetition_penalty=1.5)], [None], [[0]]).tokens
     assert tokens == [2]
 
 

@@ -15,7 +15,7 @@ class BlockManager:
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.block_of: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
-        self.hits = 0  # prompt tokens served from the cache, over the run
+        self.hits = 0  # prompt tokens served from the cache, over the run (counted by the scheduler on admission)
 
     @property
     def num_free(self) -> int:
@@ -52,7 +52,6 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(previous)
         seq.num_computed = seq.num_cached = len(seq.block_table) * bs
-        self.hits += seq.num_cached
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(seq, num_tokens) <= self.num_free

@@ -1,8 +1,10 @@
 """Turns a scheduled batch into flat step inputs, runs the model, and returns the logits of the sequences that
 sample this step.
 
-`prepare` (rank 0) reads the scheduler's sequences and produces a StepInputs of plain host data; `execute` (every
-rank) runs it. With several ranks, rank 0 broadcasts each StepInputs and the other ranks only ever execute.
+`prepare` (rank 0) reads the scheduler's sequences and produces a StepPlan of plain host data without changing
+anything; `execute` (every rank) runs its StepInputs; `commit` (rank 0) advances the sequences once the step has
+succeeded. A step that raises between the two leaves every sequence as it was, so the next step recomputes it.
+With several ranks, rank 0 broadcasts each StepInputs and the other ranks only ever execute.
 """
 
 from __future__ import annotations
@@ -24,9 +26,18 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     sample_rows: list[int]  # flat index of each sampling sequence's last token
-    encode: list[tuple[int, torch.Tensor, list[tuple[int, int, int]]]] = field(default_factory=list)
+    encode: list[tuple[int, list[torch.Tensor], list[tuple[int, int, int]]]] = field(default_factory=list)
     image_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # seq, src row, dst row, count
     release: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
+
+
+@dataclass
+class StepPlan:
+    inputs: StepInputs
+    batch: ScheduledBatch
+    samplers: list[Sequence]  # sequences whose last token is computed this step: they sample
+    encoded: list[int]  # sequences whose vision output this step computes
+    images_done: list[int]  # sequences whose last image token this step consumes
 
 
 def allocate_kv_cache(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -47,13 +58,12 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
         self.model, self.block_size, self.device = model, block_size, device
         self.image_embeds: dict[int, torch.Tensor] = {}  # vision output per sequence until its prompt is in
-        self.encoded: set[int] = set()
+        self.encoded: set[int] = set()  # rank 0: sequences whose vision output every rank holds
         self.pending_release: set[int] = set()
         allocate_kv_cache(model, num_blocks, block_size, device, dtype)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
-        ids, pos, rows, encode, samplers, sample_rows = [], [], [], [], [], []
-        release = self.pending_release
+    def prepare(self, batch: ScheduledBatch) -> StepPlan:
+        ids, pos, rows, encode, samplers, sample_rows, images_done = [], [], [], [], [], [], []
         offset = 0
         for s, n in zip(batch.seqs, batch.num_new):
             lo, hi = s.num_computed, s.num_computed + n
@@ -65,9 +75,7 @@ class ModelRunner:
                 pos.append(torch.arange(max(lo, s.prompt_len), hi).expand(3, -1) + s.delta)
             if s.images and s.seq_id not in self.encoded and lo < s.images[-1].end:
                 # the vision tower runs once per request, on its first chunk that still has image tokens
-                encode.append((s.seq_id, torch.cat([sp.pixels for sp in s.images]), [sp.grid for sp in s.images]))
-                self.encoded.add(s.seq_id)
-                release.discard(s.seq_id)
+                encode.append((s.seq_id, [sp.pixels for sp in s.images], [sp.grid for sp in s.images]))
             row = 0
             for span in s.images:
                 a, b = max(lo, span.start), min(hi, span.end)
@@ -75,40 +83,55 @@ class ModelRunner:
                     rows.append((s.seq_id, row + a - span.start, a - lo + offset, b - a))
                 row += span.end - span.start
             offset += n
-            if s.images and lo < s.images[-1].end <= hi:  # this step consumes the last image token
-                release.add(s.seq_id)
-                self.encoded.discard(s.seq_id)
+            if s.images and lo < s.images[-1].end <= hi:
+                images_done.append(s.seq_id)
             if hi == len(s):
                 samplers.append(s)
                 sample_rows.append(offset - 1)
+        encoded = [e[0] for e in encode]
+        release = (self.pending_release | set(images_done)) - (set(encoded) - set(images_done))
         inputs = StepInputs(
             token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
-            block_tables=[s.block_table for s in batch.seqs], sample_rows=sample_rows,
+            block_tables=[list(s.block_table) for s in batch.seqs], sample_rows=sample_rows,
             encode=encode, image_rows=rows, release=sorted(release),
         )
-        self.pending_release = set()
-        for s, n in zip(batch.seqs, batch.num_new):
+        return StepPlan(inputs, batch, samplers, encoded, images_done)
+
+    def commit(self, plan: StepPlan) -> None:
+        """The step ran: its tokens are in the cache and its vision outputs are where the next steps expect."""
+        for s, n in zip(plan.batch.seqs, plan.batch.num_new):
             s.num_computed += n
-        return inputs, samplers
+        self.encoded.update(plan.encoded)
+        self.encoded.difference_update(plan.images_done)
+        self.pending_release.difference_update(plan.inputs.release, plan.encoded)
 
     def forget(self, seq_id: int) -> None:
-        """A preempted or finished sequence: drop its vision output on every rank with the next step; a
-        preempted one is encoded again when it comes back."""
-        if seq_id in self.encoded:
-            self.encoded.discard(seq_id)
-            self.pending_release.add(seq_id)
+        """A preempted or finished sequence: drop any vision output it may have (also one a failed step left)
+        on every rank with the next step; a preempted one is encoded again when it comes back."""
+        self.encoded.discard(seq_id)
+        self.pending_release.add(seq_id)
+
+    def release_only(self) -> StepInputs | None:
+        """With nothing to schedule, a step that only drops released vision outputs on every rank."""
+        if not self.pending_release:
+            return None
+        return StepInputs([], torch.zeros(3, 0, dtype=torch.long), [], [], [], [], release=sorted(self.pending_release))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor:
         m = self.model
         for seq_id, pixels, grids in inp.encode:
-            self.image_embeds[seq_id] = torch.cat(m.encode_images(pixels.to(self.device), grids))
-        embeds = m.embed(torch.tensor(inp.token_ids, device=self.device))
+            # one image at a time: the vision tower's peak memory is that of the largest image, not of the batch
+            self.image_embeds[seq_id] = torch.cat(
+                [e for px, g in zip(pixels, grids) for e in m.encode_images(px.to(self.device), [g])])
+        embeds = m.embed(torch.tensor(inp.token_ids, dtype=torch.long, device=self.device))
         for seq_id, src, dst, count in inp.image_rows:
             embeds[dst : dst + count] = self.image_embeds[seq_id][src : src + count].to(embeds.dtype)
         for seq_id in inp.release:
             self.image_embeds.pop(seq_id, None)
+        if not inp.token_ids:
+            return embeds.new_zeros(0)
         ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
         hidden = m(embeds, inp.positions.to(self.device), ctx)
         if not inp.sample_rows:

@@ -27,13 +27,21 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
-        self.released: list[int] = []  # preempted or finished since the last step: the runner drops their state
+        self._released: list[int] = []  # preempted or finished since the last step: the runner drops their state
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def has_released(self) -> bool:
+        return bool(self._released)
+
+    def take_released(self) -> list[int]:
+        """Sequences preempted or finished since the last call."""
+        out, self._released = self._released, []
+        return out
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
@@ -63,6 +71,7 @@ class Scheduler:
                 self.blocks.release(seq)
                 break
             self.waiting.popleft()
+            self.blocks.hits += seq.num_cached  # counted once, when the admission holds
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -76,7 +85,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        self.released.append(seq.seq_id)
+        self._released.append(seq.seq_id)
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -88,4 +97,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
-        self.released.append(seq.seq_id)
+        self._released.append(seq.seq_id)

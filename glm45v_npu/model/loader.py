@@ -7,6 +7,7 @@ tensor by tensor (mmap), so host memory holds one tensor at a time, never the ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -214,7 +215,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights from the config without reading any tensor (like vLLM's load_format='dummy'): small
     uniform values keep activations finite, norm weights are 1 and biases 0. Large matrices are tiled from one
-    random block of prime length (no two rows alike), which is as fast as a memory copy."""
+    random block of prime length (no two rows alike), which is as fast as a memory copy. Where a tensor starts in
+    the block depends on its name only, so every rank fills a tensor it shares with others (router, vision tower,
+    replicated KV heads) identically."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     block = torch.empty(1_000_003, device=device).uniform_(-0.02, 0.02, generator=g)
@@ -225,7 +228,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             elif p.dim() == 1:
                 p.fill_(1.0)
             else:
-                flat, start = p.view(-1), int(torch.randint(len(block), (1,), generator=g, device=device))
+                flat = p.view(-1)
+                start = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % len(block)
                 off = 0
                 while off < flat.numel():
                     n = min(len(block) - start, flat.numel() - off)
