@@ -253,14 +253,12 @@ def chat(
     sampling: dict = None,
 ) -> None:
     """Chat with images, streaming the answer."""
-    from .processor import open_image
-
     words = list(words or [])
     require(not (words and prompt is not None), "give the prompt either as --prompt or as an argument, not both")
     if words:
         prompt = words[0]
         image = [*(image or []), *map(Path, words[1:])]
-    pending = [open_image(p) for p in image or []]  # fail on a bad image before loading the model
+    pending = [_checked_image(p) for p in image or []]  # fail on a bad image before loading the model
     llm = _llm(engine)
     params = llm.engine.default_sampling_params(**sampling)
     history: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -301,7 +299,7 @@ def chat(
         elif line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                pending.append(open_image(path))
+                pending.append(_checked_image(path))
                 err.print(f"[dim]attached {path} to the next turn[/dim]")
             except Glm45vError as e:
                 err.print(f"[red]error:[/red] {e}")
@@ -316,6 +314,14 @@ def chat(
                 continue
             if as_json:
                 print(json.dumps(result, ensure_ascii=False))
+
+
+def _checked_image(path) -> str:
+    """The path, once it opens as an image (the request carries the path, so later errors name it too)."""
+    from .processor import open_image
+
+    open_image(str(path))
+    return str(path)
 
 
 def _stream_turn(llm, messages, params, thinking, quiet: bool, one_shot: bool) -> dict:

@@ -27,7 +27,7 @@ from . import distributed, platform
 from .config import ModelConfig
 from .distributed import Layout
 from .engine.config import EngineConfig
-from .engine.runner import ModelRunner, StepInputs, allocate_kv_cache, release_kv_cache
+from .engine.runner import ModelRunner, StepInputs, release_kv_cache
 from .errors import Glm45vError
 
 log = logging.getLogger("glm45v_npu")
@@ -78,9 +78,7 @@ def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: b
 
 
 def kv_budget(model, spec: RankSpec, device: torch.device) -> float:
-    """Bytes for the KV cache. Accelerators: the usable share of the device, minus what is in use once the
-    weights are loaded (this process and any other), minus the peak of a warm-up step that holds the largest
-    prefill, the largest image and the sampler over the largest batch. Logged line by line."""
+    """Bytes for the KV cache: kv_cache_gib when given, 256 MiB on a CPU, else what the accelerator has left."""
     cfg = spec.config
     if cfg.kv_cache_gib is not None:
         log.info("KV cache: %.2f GiB, as kv_cache_gib says", cfg.kv_cache_gib)
@@ -88,6 +86,14 @@ def kv_budget(model, spec: RankSpec, device: torch.device) -> float:
     if device.type == "cpu":
         log.info("KV cache: %.2f GiB, the default on a CPU (set kv_cache_gib for more)", CPU_KV_BYTES / 2**30)
         return CPU_KV_BYTES
+    return accelerator_kv_budget(model, spec, device)
+
+
+def accelerator_kv_budget(model, spec: RankSpec, device: torch.device) -> float:
+    """The usable share of the device, minus what is in use once the weights are loaded (this process and any
+    other), minus the peak of a warm-up step that holds the largest prefill, the largest image and the sampler
+    over the largest batch. Logged line by line."""
+    cfg = spec.config
     activations = profile_peak(model, spec, device)
     free, total = platform.memory_info(device)
     usable = total * cfg.gpu_memory_utilization

@@ -38,6 +38,28 @@ def images(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def thin_folder(tmp_path_factory):
+    """Two ordinary images and one 3x900 PNG, which transformers' resizing refuses (aspect ratio over 200)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("thin")
+    random_image(80, 60, 7).save(d / "a.png")
+    random_image(50, 70, 8).save(d / "b.png")
+    Image.new("RGB", (3, 900), (1, 2, 3)).save(d / "thin.png")
+    return d
+
+
+def test_caption_with_an_image_transformers_refuses(env, thin_folder, tmp_path):
+    out = tmp_path / "c.jsonl"
+    r = glm45v(env, "caption", thin_folder, "--out", out, "--max-tokens", 4)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = {Path(x["path"]).name: x for x in _lines(out)}
+    assert set(rows) == {"a.png", "b.png", "thin.png"}
+    assert "answer" in rows["a.png"] and "answer" in rows["b.png"]
+    assert "thin.png" in rows["thin.png"]["error"] and "aspect ratio" in rows["thin.png"]["error"]
+
+
 def test_chat_one_shot_with_image(env, images):
     r = glm45v(env, "chat", "-p", "what is in the picture?", "--image", images / "good0.png", "--max-tokens", 12,
                "--seed", 0)
@@ -55,12 +77,15 @@ def test_chat_json(env, images):
 
 
 def test_chat_interactive_commands(env, images):
-    script = f"hello\n/image {images / 'good1.png'}\ndescribe it\n/reset\n/image {images / 'missing.png'}\n/exit\n"
+    script = (f"hello\n/image {images / 'good1.png'}\ndescribe it\n/reset\n/image {images / 'missing.png'}\n"
+              "hello\n/exit\n")
     r = glm45v(env, "chat", "--max-tokens", 5, "--temperature", 0, "--json", stdin=script)
     assert r.returncode == 0, r.stderr
     turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(turns) == 2
+    assert len(turns) == 3
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 4  # history + the image's tokens
+    assert turns[2]["prompt_tokens"] == turns[0]["prompt_tokens"]  # after /reset: no history, same prompt
+    assert turns[2]["raw"] == turns[0]["raw"]
     assert "attached" in r.stderr and "history cleared" in r.stderr and "missing.png: no such file" in r.stderr
 
 
@@ -88,7 +113,7 @@ def test_caption_interrupted_then_resumed(env, tmp_path):
     for i in range(24):
         random_image(60 + i, 50, 100 + i).save(d / f"{i:02d}.png")
     out = tmp_path / "c.jsonl"
-    args = [str(BIN), "caption", str(d), "--out", str(out), "--max-tokens", 400, "--batch", 1, "--temperature", 0]
+    args = [str(BIN), "caption", str(d), "--out", str(out), "--max-tokens", 48, "--batch", 1, "--temperature", 0]
     proc = subprocess.Popen(list(map(str, args)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
@@ -98,7 +123,7 @@ def test_caption_interrupted_then_resumed(env, tmp_path):
     assert proc.returncode == 130, stderr
     first = _lines(out)  # every line parses
     assert 2 <= len(first) < 24
-    r = glm45v(env, "caption", d, "--out", out, "--max-tokens", 400, "--batch", 4, "--temperature", 0)
+    r = glm45v(env, "caption", d, "--out", out, "--max-tokens", 48, "--batch", 4, "--temperature", 0)
     assert r.returncode == 0, r.stderr
     paths = [x["path"] for x in _lines(out)]
     assert len(paths) == 24 and len(set(paths)) == 24
@@ -133,10 +158,15 @@ def _check_metrics(m):
     (["caption", "{images}", "--out", "{tmp}/x.jsonl", "--batch", "0"], "--batch 0"),
     (["chat", "-p", "x", "--temperature", "-1"], "--temperature -1"),
     (["bench", "--batch", "0"], "--batch 0"),
+    (["bench", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens 0: must be >= 1"),
+    (["chat", "-p", "x", "--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
+    (["chat", "-p", "x", "--block-size", "0"], "--block-size 0: must be in 1..1024"),
+    (["chat", "-p", "x", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5: must be in (0, 1]"),
+    (["chat", "-p", "x", "--image", "{thin}/thin.png"], "thin.png: the image processor refuses it"),
 ])
-def test_user_mistakes_give_one_line_and_exit_2(env, images, tmp_path, args, message):
+def test_user_mistakes_give_one_line_and_exit_2(env, images, thin_folder, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
-    args = [a.format(empty=tmp_path / "empty", images=images, tmp=tmp_path) for a in args]
+    args = [a.format(empty=tmp_path / "empty", images=images, tmp=tmp_path, thin=thin_folder) for a in args]
     r = glm45v(env, *args)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]

@@ -7,10 +7,7 @@ from glm45v_npu.context import ForwardContext
 from glm45v_npu.kernels.fused_moe import fused_moe_torch, fused_moe_triton
 from glm45v_npu.kernels.kv_cache import store_kv_torch, store_kv_triton
 from glm45v_npu.kernels.paged_attention import paged_attention_torch, paged_attention_triton
-from glm45v_npu.kernels.split_qkv_rmsnorm_rope import (
-    split_qkv_rmsnorm_rope_torch,
-    split_qkv_rmsnorm_rope_triton,
-)
+from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -30,26 +27,45 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, seed=0):
     return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
 
 
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request, monkeypatch):
+    """Which implementation the ops dispatch picks (on a CPU, triton runs in Triton's interpreter)."""
+    from glm45v_npu.kernels import ops
+
+    monkeypatch.setenv("GLM45V_KERNELS", request.param)
+    monkeypatch.setattr(ops, "_cache", {})
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("norm, bias", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("norm, q_bias, k_bias", [(False, False, False), (True, False, False), (True, True, True),
+                                                  (True, True, False), (True, False, True)])
 @pytest.mark.parametrize("T, nq, nkv, hd, rd", [
     (1, 12, 1, 16, 8),      # GQA 12 (GLM-4.5V split 8 ways), half rotary
     (5, 6, 2, 32, 32),      # GQA 3, full rotary
-    (33, 4, 4, 64, 16),     # MHA, quarter rotary
+    (33, 4, 4, 64, 16),     # GQA 1, quarter rotary
     (3, 96 // 8, 1, 128, 64),  # GLM-4.5V per-rank shapes
+    (4, 6, 2, 24, 12),      # head_dim not a power of two
 ])
-def test_split_qkv_rmsnorm_rope(dtype, norm, bias, T, nq, nkv, hd, rd):
+def test_split_qkv_rmsnorm_rope(kernels, dtype, norm, q_bias, k_bias, T, nq, nkv, hd, rd):
+    """The seed's op by its own name, on the implementation the dispatch picks, against the float64 twin."""
+    from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope
+
     qkv = _rand(T, (nq + 2 * nkv) * hd, dtype=dtype, scale=2.0)
     angles = _rand(T, rd // 2, scale=3.0, seed=1).float()
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     args = [1e-5 if norm else None, _rand(hd, dtype=dtype, seed=2) if norm else None,
-            _rand(hd, dtype=dtype, seed=3) if norm else None, _rand(hd, dtype=dtype, seed=4) if bias else None,
-            _rand(hd, dtype=dtype, seed=5) if bias else None]
-    got = split_qkv_rmsnorm_rope_triton(qkv, sin, cos, nq * hd, nkv * hd, hd, *args)
+            _rand(hd, dtype=dtype, seed=3) if norm else None, _rand(hd, dtype=dtype, seed=4) if q_bias else None,
+            _rand(hd, dtype=dtype, seed=5) if k_bias else None]
+    got = split_qkv_rmsnorm_rope(qkv, sin, cos, nq * hd, nkv * hd, hd, *args)
     want = split_qkv_rmsnorm_rope_torch(*_f64([qkv, sin, cos]), nq * hd, nkv * hd, hd, *_f64(args))
     for g, w in zip(got, want):
         assert g.is_contiguous() and g.dtype == dtype
         _close(g, w, dtype)
+    if q_bias != k_bias:  # each bias acts on its own heads only
+        other = split_qkv_rmsnorm_rope_torch(*_f64([qkv, sin, cos]), nq * hd, nkv * hd, hd, *_f64(args[:3]), None, None)
+        assert torch.equal(other[1 if q_bias else 0], want[1 if q_bias else 0])
+        assert not torch.equal(other[0 if q_bias else 1], want[0 if q_bias else 1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,12 +91,12 @@ def _paged_case(q_lens, ctx_lens, nq, nkv, hd, bs, dtype, seed=0):
         n = -(-c // bs)
         tables.append(perm[:n])
         perm = perm[n:]
-    ctx = ForwardContext.build(q_lens, ctx_lens, tables, bs, DEV)
+    ctx = ForwardContext.build(q_lens, ctx_lens, tables, bs, DEV).attn
     kc = _rand(num_blocks, bs, nkv, hd, dtype=dtype, seed=seed + 1)
     vc = _rand(num_blocks, bs, nkv, hd, dtype=dtype, seed=seed + 2)
     q = _rand(sum(q_lens), nq, hd, dtype=dtype, seed=seed + 3)
     got = paged_attention_triton(q, kc, vc, ctx, hd**-0.5)
-    ctx64 = ForwardContext.build(q_lens, ctx_lens, tables, bs, "cpu")
+    ctx64 = ForwardContext.build(q_lens, ctx_lens, tables, bs, "cpu").attn
     want = paged_attention_torch(*_f64([q, kc, vc]), ctx64, hd**-0.5)
     _close(got, want, dtype)
 
@@ -89,8 +105,14 @@ def _paged_case(q_lens, ctx_lens, nq, nkv, hd, bs, dtype, seed=0):
 @pytest.mark.parametrize("nq, nkv", [(4, 4), (6, 2), (12, 1), (24, 2)])
 @pytest.mark.parametrize("bs", [4, 16])
 def test_paged_decode_attention(dtype, nq, nkv, bs):
-    # contexts across block boundaries, and long enough for several split-K programs (256 keys each)
-    _paged_case([1] * 5, [1, bs, bs + 1, 300, 777], nq, nkv, 32, bs, dtype)
+    # contexts across block boundaries, long ones over several split-K programs, and an empty padding row
+    _paged_case([1] * 6, [1, bs, bs + 1, 300, 777, 0], nq, nkv, 32, bs, dtype)
+
+
+@pytest.mark.parametrize("hd", [24, 48])
+def test_attention_with_head_dim_not_a_power_of_two(hd):
+    _paged_case([1] * 3, [5, 40, 300], 6, 2, hd, 4, torch.float32)
+    _paged_case([7, 20, 1], [7, 29, 12], 6, 2, hd, 4, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

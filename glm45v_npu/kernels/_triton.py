@@ -1,8 +1,16 @@
-"""Shared Triton helpers."""
+"""Shared Triton pieces: how a launch is described, the per-device tile table, 64-bit row offsets, tl.dot modes.
+
+Every launcher asks one `*_launch(...)` function for its Launch (grid, constexprs, argument types) and runs it;
+the Ascend compile check (benchmarks/ascend_compile.py) compiles exactly those Launches. Constexprs depend only
+on model shapes, dtypes, the target and a fixed set of batch buckets, never on per-step values such as the
+longest context; per-step integers are passed as `do_not_specialize` arguments, so a new step never compiles.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -10,11 +18,62 @@ import triton.language as tl
 
 DOT_DEFAULT, DOT_IEEE, DOT_UPCAST = 0, 1, 2
 
+# Tiles per target. CUDA and Ascend differ where their on-chip memories and core counts do: Ascend 910B has
+# 20-24 AI cores with 192 KiB UB each and prefers fewer, longer-running programs.
+TILES: dict[str, dict[str, Any]] = {
+    "cuda": {"decode_programs": 264, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
+             "moe": (16, 64, 64)},
+    "npu": {"decode_programs": 40, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
+            "moe": (16, 64, 64)},
+}
+MAX_SPLITS = 16
 
-def dot_mode(dtype: torch.dtype) -> int:
+
+def target_of(device: torch.device | str) -> str:
+    """The tile table a device uses (the CPU interpreter runs CUDA's)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return "npu" if kind == "npu" else "cuda"
+
+
+def tiles(target: str) -> dict[str, Any]:
+    return TILES[target]
+
+
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+                torch.int64: "i64"}
+
+
+def ptr(dtype: torch.dtype) -> str:
+    return "*" + TRITON_TYPES[dtype]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: grid, constexprs, and the Triton type of every runtime argument (the compile check
+    reads the types; a kernel argument without one is an error there, so they cannot drift apart)."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    constexprs: dict[str, Any]
+    types: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, *args: Any) -> None:
+        if all(g > 0 for g in self.grid):
+            self.kernel[self.grid](*args, **self.constexprs)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    def key(self) -> tuple:
+        """What makes a distinct compiled variant."""
+        return self.name, tuple(sorted(self.constexprs.items())), tuple(sorted(self.types.items()))
+
+
+def dot_mode(dtype: torch.dtype, target: str = "cuda") -> int:
     """float32 asks for exact (ieee) products, not tf32. Triton's CPU interpreter mishandles bfloat16 tl.dot, so
     there (tests only) bfloat16 tiles are multiplied in float32."""
-    if dtype == torch.float32:
+    if dtype == torch.float32 and target == "cuda":
         return DOT_IEEE
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         return DOT_UPCAST
@@ -28,3 +87,10 @@ def mma(a, b, MODE: tl.constexpr):
     if MODE == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def row_offset(row, WIDTH: tl.constexpr):
+    """Element offset of row `row` in a [rows, WIDTH] tensor, in 64 bits: row x WIDTH passes 2^31 in large
+    caches and long prefills, where 32-bit offsets wrap."""
+    return row.to(tl.int64) * WIDTH

@@ -43,7 +43,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import dot_mode
+    from ._triton import Launch, dot_mode, ptr, tiles
     from ._triton import mma as _dot
 except ImportError:
     triton = None
@@ -51,7 +51,8 @@ except ImportError:
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> rows [TK + E*(block_m-1)] (index into the flat (token, k) pairs, TK = padding) and the expert of each
-    block_m-row tile (-1 = unused tile)."""
+    block_m-row tile (-1 = unused tile). Shapes depend only on TK and E, and nothing waits for the device
+    (no boolean indexing, no .item()), so it runs inside a captured graph."""
     flat = topk_ids.flatten().clamp(max=num_experts)  # ids >= num_experts: another rank's, never placed
     tk = flat.numel()
     counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
@@ -60,23 +61,23 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     starts = ends - padded
     order = flat.argsort(stable=True)
     expert_sorted = flat[order]
-    keep = expert_sorted < num_experts
-    e_kept = expert_sorted[keep]
-    first = counts.cumsum(0) - counts
-    rank = torch.arange(int(keep.numel()), device=flat.device)[keep] - first[e_kept]
+    mine = expert_sorted < num_experts
+    e = expert_sorted.clamp(max=num_experts - 1)
+    rank = torch.arange(tk, device=flat.device) - (counts.cumsum(0) - counts)[e]
     capacity = tk + num_experts * (block_m - 1)
-    rows = torch.full((capacity,), tk, dtype=torch.int64, device=flat.device)
-    rows[starts[e_kept] + rank] = order[keep]
+    dest = torch.where(mine, starts[e] + rank, capacity)  # other ranks' pairs go to a slot cut off below
+    rows = torch.full((capacity + 1,), tk, dtype=torch.int64, device=flat.device)
+    rows.scatter_(0, dest, order)
     tile_start = torch.arange(0, capacity, block_m, device=flat.device)
     tile_expert = torch.searchsorted(ends, tile_start, right=True)
     tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1)
-    return rows, tile_expert
+    return rows[:capacity], tile_expert
 
 
 if triton is not None:
 
-    @triton.jit
-    def _gate_up_kernel(x, w13, rows, tile_expert, h, TK, H, INTER, K: tl.constexpr,
+    @triton.jit(do_not_specialize=["TK"])
+    def _gate_up_kernel(x, w13, rows, tile_expert, h, TK, H: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         tile = tl.program_id(0)
         nb = tl.program_id(1)
@@ -102,8 +103,8 @@ if triton is not None:
         act = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(h + r[:, None] * INTER + n[None, :], act.to(h.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
-    @triton.jit
-    def _down_kernel(h, w2, rows, tile_expert, weights, y, TK, H, INTER,
+    @triton.jit(do_not_specialize=["TK"])
+    def _down_kernel(h, w2, rows, tile_expert, weights, y, TK, H: tl.constexpr, INTER: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         tile = tl.program_id(0)
         nb = tl.program_id(1)
@@ -126,24 +127,37 @@ if triton is not None:
         tl.store(y + r[:, None] * H + n[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
 
 
+def moe_launches(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                 target: str = "cuda") -> tuple[Launch, Launch]:
+    """The gate/up and the down grouped GEMMs for `num_tokens` tokens (tiles sized for the worst case: every
+    expert's run padded to BLOCK_M rows)."""
+    block_m, block_n, block_k = tiles(target)["moe"]
+    tk = num_tokens * top_k
+    num_tiles = triton.cdiv(tk + num_experts * (block_m - 1), block_m)
+    dot = dot_mode(dtype, target)
+    shape = dict(H=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot)
+    common = dict(rows=ptr(torch.int64), tile_expert=ptr(torch.int64), TK="i32")
+    gate_up = Launch(_gate_up_kernel, (num_tiles, triton.cdiv(inter, block_n)), dict(shape, K=top_k),
+                     dict(common, x=ptr(dtype), w13=ptr(dtype), h=ptr(dtype)))
+    down = Launch(_down_kernel, (num_tiles, triton.cdiv(hidden, block_n)), shape,
+                  dict(common, h=ptr(dtype), w2=ptr(dtype), weights=ptr(torch.float32), y=ptr(torch.float32)))
+    return gate_up, down
+
+
 def fused_moe_triton(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
+    from ._triton import target_of
+
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2
-    block_m = 16
-    rows, tile_expert = align_by_expert(topk_ids, E, block_m)
+    gate_up, down = moe_launches(T, K, E, H, inter, x.dtype, target_of(x.device))
+    rows, tile_expert = align_by_expert(topk_ids, E, gate_up.constexprs["BLOCK_M"])
     tk = T * K
     x = x.contiguous()
     h = torch.empty(tk, inter, dtype=x.dtype, device=x.device)
     y = torch.zeros(tk, H, dtype=torch.float32, device=x.device)  # rows of other ranks' experts stay 0
-    ieee = dot_mode(x.dtype)
-    tiles = tile_expert.numel()
-    bn, bk = 64, 64
-    _gate_up_kernel[(tiles, triton.cdiv(inter, bn))](
-        x, w13, rows, tile_expert, h, tk, H, inter, K=K, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT=ieee)
-    _down_kernel[(tiles, triton.cdiv(H, bn))](
-        h, w2, rows, tile_expert, topk_weights.float().contiguous(), y, tk, H, inter,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, DOT=ieee)
+    gate_up(x, w13, rows, tile_expert, h, tk)
+    down(h, w2, rows, tile_expert, topk_weights.float().contiguous(), y, tk)
     return y.view(T, K, H).sum(1).to(x.dtype)

@@ -18,30 +18,46 @@ def store_kv_torch(
 try:
     import triton
     import triton.language as tl
+
+    from ._triton import Launch, ptr, row_offset
 except ImportError:
     triton = None
 
 if triton is not None:
 
-    @triton.jit
-    def _store_kv_kernel(k, v, k_cache, v_cache, slots, k_stride, v_stride, ROW: tl.constexpr, BLOCK: tl.constexpr):
-        t = tl.program_id(0)
-        slot = tl.load(slots + t)
-        if slot < 0:
-            return
+    @triton.jit(do_not_specialize=["T"])
+    def _store_kv_kernel(k, v, k_cache, v_cache, slots, k_stride, v_stride, T,
+                         ROW: tl.constexpr, BLOCK: tl.constexpr, TOKENS: tl.constexpr):
+        """TOKENS tokens per program, each a ROW-wide copy into its slot's row of the cache."""
         i = tl.arange(0, BLOCK)
         m = i < ROW
-        tl.store(k_cache + slot * ROW + i, tl.load(k + t * k_stride + i, mask=m).to(k_cache.dtype.element_ty), mask=m)
-        tl.store(v_cache + slot * ROW + i, tl.load(v + t * v_stride + i, mask=m).to(v_cache.dtype.element_ty), mask=m)
+        for j in range(TOKENS):
+            t = tl.program_id(0) * TOKENS + j
+            if t < T:
+                slot = tl.load(slots + t)
+                if slot >= 0:
+                    dst = row_offset(slot, ROW)
+                    kv = tl.load(k + t.to(tl.int64) * k_stride + i, mask=m)
+                    vv = tl.load(v + t.to(tl.int64) * v_stride + i, mask=m)
+                    tl.store(k_cache + dst + i, kv.to(k_cache.dtype.element_ty), mask=m)
+                    tl.store(v_cache + dst + i, vv.to(v_cache.dtype.element_ty), mask=m)
+
+
+def store_kv_launch(T: int, row: int, dtype: torch.dtype, cache_dtype: torch.dtype, target: str = "cuda") -> Launch:
+    """One program per few tokens: Ascend prefers fewer, longer programs; a decode batch is one or a few."""
+    tokens = 1 if target == "cuda" else 8
+    return Launch(_store_kv_kernel, (triton.cdiv(T, tokens),),
+                  dict(ROW=row, BLOCK=triton.next_power_of_2(row), TOKENS=tokens),
+                  dict(k=ptr(dtype), v=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype),
+                       slots=ptr(torch.int64), k_stride="i32", v_stride="i32", T="i32"))
 
 
 def store_kv_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
+    from ._triton import target_of
+
     T = k.shape[0]
-    if T == 0:
-        return
     k2, v2 = k.reshape(T, -1), v.reshape(T, -1)
-    row = k2.shape[1]
-    _store_kv_kernel[(T,)](k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0), v2.stride(0), ROW=row,
-                           BLOCK=triton.next_power_of_2(row))
+    launch = store_kv_launch(T, k2.shape[1], k.dtype, k_cache.dtype, target_of(k.device))
+    launch(k2, v2, k_cache, v_cache, slot_mapping, k2.stride(0), v2.stride(0), T)

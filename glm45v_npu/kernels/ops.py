@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..context import ForwardContext
 from .fused_moe import fused_moe_torch
 from .kv_cache import store_kv_torch
 from .paged_attention import paged_attention_torch
@@ -65,10 +64,10 @@ def impl(op: str, device: torch.device) -> Callable:
     return _cache[key]
 
 
-def qkv_split(ctx: ForwardContext, device: torch.device) -> Callable:
+def qkv_split(is_decode: bool, device: torch.device) -> Callable:
     """The conditional fused decode path: decode steps take the backend's split + norm + rope (the fused kernel
     on Triton backends); prefill, extend and mixed batches take split + optional QK norm + M-RoPE in plain ops."""
-    return impl("split_qkv_rmsnorm_rope", device) if ctx.is_decode else split_qkv_rmsnorm_rope_torch
+    return impl("split_qkv_rmsnorm_rope", device) if is_decode else split_qkv_rmsnorm_rope_torch
 
 
 def describe(device: torch.device) -> dict[str, str]:

@@ -34,7 +34,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, dev = x.shape[0], x.device
         norm = self.qk_norm_eps is not None
-        q, k, v = ops.qkv_split(ctx, dev)(
+        q, k, v = ops.qkv_split(ctx.is_decode, dev)(
             self.qkv_proj(x), sin, cos, self.q_size, self.kv_size, self.head_dim,
             self.qk_norm_eps,
             self.q_norm.weight if norm else None,
@@ -44,5 +44,5 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         ops.impl("store_kv", dev)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         o = ops.impl("paged_attention", dev)(
-            q.view(T, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx, self.scale)
+            q.view(T, self.num_heads, self.head_dim), self.k_cache, self.v_cache, ctx.attn, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))

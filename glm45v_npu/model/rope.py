@@ -31,21 +31,6 @@ class MRotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos/sin [T, rotary_dim]; rotates the first rotary_dim lanes in fp32 (or wider)."""
-    rd = cos.shape[-1]
-    wide = torch.promote_types(x.dtype, torch.float32)
-    rot = x[..., :rd].to(wide)
-    c, s = cos[:, None, :].to(wide), sin[:, None, :].to(wide)
-    out = (rot * c + rotate_half(rot) * s).to(x.dtype)
-    return torch.cat([out, x[..., rd:]], dim=-1) if rd < x.shape[-1] else out
-
-
 def vision_rope(grid_hw: list[tuple[int, int]], merge: int, head_dim: int, theta: float,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """2D rotary over all patches of all images, patches in merge-window order.

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from ..kernels.reference import apply_rope
 from .layers import Embedding, Linear, RMSNorm, SwiGLU
-from .rope import rotate_half, vision_rope
+from .rope import vision_rope
 
 
 class VisionAttention(nn.Module):
@@ -21,9 +22,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)
-        c, s = cos[:, None].float(), sin[:, None].float()
-        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         outs = [
             F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
             for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))
