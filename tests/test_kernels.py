@@ -184,3 +184,64 @@ def test_self_checked_op_falls_back_to_its_twin(caplog):
         broken(x)
     warnings = [r.message for r in caplog.records]
     assert len(warnings) == 2 and "disagrees" in warnings[0] and "failed its self-check" in warnings[1]
+
+
+def _no_specialize(kernel) -> set[str]:
+    spec = getattr(kernel, "do_not_specialize", None)
+    if spec is None:  # Triton's interpreter keeps the decorator's arguments
+        spec = kernel.kwargs.get("do_not_specialize")
+    return set(spec or [])
+
+
+def test_no_per_step_specialisation(monkeypatch):
+    """Decode over 300 growing context lengths at every batch size 1..64 (GLM-4.5V's per-rank shapes at TP 8 and
+    the tiny model's), through the real launchers with the kernels themselves not run: the distinct constexpr
+    tuples per kernel stay within the fixed set of split buckets, and every per-step integer argument (block
+    table width, token counts) is excluded from Triton's value specialisation."""
+    from collections import defaultdict
+
+    from glm45v_npu.kernels import _triton
+    from glm45v_npu.kernels.fused_moe import fused_moe_triton
+    from glm45v_npu.kernels.kv_cache import store_kv_triton
+    from glm45v_npu.kernels.metadata import AttentionMetadata
+    from glm45v_npu.kernels.paged_attention import paged_attention_triton
+    from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_triton
+
+    seen = defaultdict(set)
+    kernels = {}
+
+    def record(self, *args):
+        seen[self.name].add(tuple(sorted(self.constexprs.items())))
+        kernels[self.name] = self.kernel
+
+    monkeypatch.setattr(_triton.Launch, "__call__", record)
+    bs = 16
+    for nq, nkv, hd, rd in ((12, 1, 128, 64), (4, 2, 32, 16)):
+        for batch in range(1, 65):
+            q = torch.empty(batch, nq, hd)
+            caches = [torch.empty(1, bs, nkv, hd) for _ in range(2)]
+            qkv = torch.empty(batch, (nq + 2 * nkv) * hd)
+            for step in range(300):
+                ctx = 1 + 7 * step
+                width = -(-ctx // bs)
+                meta = AttentionMetadata(torch.arange(batch + 1, dtype=torch.int32),
+                                         torch.full((batch,), ctx, dtype=torch.int32),
+                                         torch.zeros(batch, width, dtype=torch.int32), batch, 1, ctx, True)
+                paged_attention_triton(q, *caches, meta, 0.1)
+            split_qkv_rmsnorm_rope_triton(qkv, torch.empty(batch, rd), torch.empty(batch, rd), nq * hd, nkv * hd, hd)
+            store_kv_triton(torch.empty(batch, nkv, hd), torch.empty(batch, nkv, hd), *caches,
+                            torch.zeros(batch, dtype=torch.int64))
+            fused_moe_triton(torch.empty(batch, 64), torch.empty(8, 48, 64), torch.empty(8, 64, 24),
+                             torch.ones(batch, 2), torch.zeros(batch, 2, dtype=torch.long))
+    buckets = _triton.MAX_SPLITS.bit_length()  # split counts 1, 2, 4, ..., MAX_SPLITS
+    shapes = 2
+    assert 1 <= len(seen["_decode_kernel"]) <= buckets * shapes
+    assert 1 <= len(seen["_reduce_splits_kernel"]) <= buckets * shapes
+    for name in ("_split_qkv_rmsnorm_rope_kernel", "_store_kv_kernel"):
+        assert len(seen[name]) == shapes, name  # nothing per step: one variant per model shape
+    assert len(seen["_gate_up_kernel"]) == len(seen["_down_kernel"]) == 1
+    from glm45v_npu.kernels.paged_attention import _prefill_kernel
+
+    assert {"bt_stride"} <= _no_specialize(kernels["_decode_kernel"]) and {"bt_stride"} <= _no_specialize(_prefill_kernel)
+    assert {"T"} <= _no_specialize(kernels["_store_kv_kernel"])
+    assert {"TK"} <= _no_specialize(kernels["_gate_up_kernel"]) and {"TK"} <= _no_specialize(kernels["_down_kernel"])

@@ -42,7 +42,7 @@ def paged_attention_torch(
 # --- Triton ---------------------------------------------------------------------------------------------------
 # Keys and values are gathered token by token through the block table, so any block size works and every tile
 # is BLOCK_N tokens wide; head_dim is padded to a power of two and masked. Decode: one program per (sequence,
-# kv head, split) serves the whole GQA group (padded to a power of two); a sequence's keys are cut into SPLITS
+# kv head, split) serves the whole GQA group (padded to 16 rows for tl.dot); a sequence's keys are cut into SPLITS
 # equal runs on the device (so the longest context is never a constexpr and no step recompiles), then a
 # log-sum-exp reduction joins the runs. Offsets into the cache and the flat batch are 64-bit.
 
@@ -72,7 +72,7 @@ if triton is not None:
     def _decode_kernel(
         q, k_cache, v_cache, block_tables, ctx_lens, out_part, lse_part, scale, bt_stride,
         G: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, HD_PAD: tl.constexpr, NKV: tl.constexpr,
-        BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, USE_DOT: tl.constexpr, DOT: tl.constexpr,
+        BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -96,20 +96,13 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
             kk, vv = _kv_tile(k_cache, v_cache, table, n, valid, kvh, d, dm, BS, NKV, HD)
-            if USE_DOT:
-                sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT)
-            else:
-                sc = tl.sum(qv.to(tl.float32)[:, None, :] * kk.to(tl.float32)[None, :, :], axis=2)
+            sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT)
             sc = tl.where(valid[None, :], sc * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m - m_new)
             den = den * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                pv = _dot(p.to(vv.dtype), vv, DOT)
-            else:
-                pv = tl.sum(p[:, :, None] * vv.to(tl.float32)[None, :, :], axis=1)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, DOT)
             m = m_new
         has = den > 0
         out = tl.where(has[:, None], acc / tl.where(has, den, 1.0)[:, None], 0.0)
@@ -193,13 +186,13 @@ def decode_launches(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: i
                     dtype: torch.dtype, cache_dtype: torch.dtype, target: str = "cuda") -> tuple[Launch, Launch]:
     """The split-K decode kernel and its reduction, for `batch` sequences (a graph's bucket, or the batch)."""
     G = num_q_heads // num_kv_heads
-    g_pad = max(triton.next_power_of_2(G), 1)
+    g_pad = max(triton.next_power_of_2(G), 16)  # tl.dot needs 16 rows; a [G, BLOCK_N, HD] broadcast overflows UB
     splits = decode_splits(batch, num_kv_heads, target)
     hd_pad = triton.next_power_of_2(head_dim)
     decode = Launch(
         _decode_kernel, (batch, num_kv_heads, splits),
         dict(G=G, G_PAD=g_pad, HD=head_dim, HD_PAD=hd_pad, NKV=num_kv_heads, BS=block_size,
-             BLOCK_N=tiles(target)["decode_block_n"], SPLITS=splits, USE_DOT=g_pad >= 16, DOT=dot_mode(dtype, target)),
+             BLOCK_N=tiles(target)["decode_block_n"], SPLITS=splits, DOT=dot_mode(dtype, target)),
         dict(q=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype), block_tables=ptr(torch.int32),
              ctx_lens=ptr(torch.int32), out_part=ptr(torch.float32), lse_part=ptr(torch.float32), scale="fp32",
              bt_stride="i32"))
