@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even when started from the test suite
 
 import torch  # noqa: E402
 
@@ -41,6 +42,7 @@ from glm45v_npu.kernels._triton import Launch  # noqa: E402
 from glm45v_npu.kernels.fused_moe import moe_launches  # noqa: E402
 from glm45v_npu.kernels.kv_cache import store_kv_launch  # noqa: E402
 from glm45v_npu.kernels.paged_attention import decode_launches, prefill_launch  # noqa: E402
+from glm45v_npu.kernels.router import route_launch  # noqa: E402
 from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_launch  # noqa: E402
 
 TARGETS = ("Ascend910B3", "Ascend910_9392")  # 910B, and an Atlas A3 part
@@ -68,6 +70,8 @@ def variants() -> dict[tuple, tuple[Launch, str]]:
 
     for name, cfg in model_configs().items():
         t = cfg.text
+        add(route_launch(1, t.n_routed_experts, t.num_experts_per_tok, t.n_group, t.topk_group, t.norm_topk_prob),
+            f"{name} router (replicated on every rank)")
         for tp in TP_SIZES:
             for ep in (True, False):
                 layout = Layout(0, tp, ep)

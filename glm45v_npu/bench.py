@@ -58,6 +58,7 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     requests = _requests(llm, batch, input_len, images, size, seed=0)
     platform.reset_peak_memory(llm.device)
     platform.synchronize(llm.device)
+    before = llm.stats()
     start = time.perf_counter()
     outs = llm.generate(requests, params)
     platform.synchronize(llm.device)
@@ -76,6 +77,7 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     if llm.device.type == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = llm.stats()
+    steps = max(1, stats.steps - before.steps)
     return {
         "model": llm.model_config.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
         "batch": batch, "input_len": input_len, "output_len": output_len, "images_per_request": images,
@@ -87,7 +89,9 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
         "output_tokens_per_s": generated / total,
         "peak_memory_bytes": peak, "peak_memory_is_process_rss": llm.device.type == "cpu",
         "kv_cache_blocks": stats.num_blocks, "kv_cache_tokens": stats.num_blocks * stats.block_size,
-        "preemptions": stats.preemptions,
+        "preemptions": stats.preemptions, "steps": steps,
+        "host_s_per_step": (stats.host_s - before.host_s) / steps,
+        "device_s_per_step": (stats.device_s - before.device_s) / steps,
     }
 
 
@@ -107,6 +111,8 @@ def table(r: dict) -> Table:
         ("peak memory" + (" (process RSS)" if r["peak_memory_is_process_rss"] else " (device)"),
          f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
         ("KV cache", f"{r['kv_cache_blocks']} blocks = {r['kv_cache_tokens']} tokens"),
+        ("per step: host (schedule, inputs, stop rules) / device (model + sampling)",
+         f"{ms(r['host_s_per_step'])} / {ms(r['device_s_per_step'])} over {r['steps']} steps"),
         ("preemptions", str(r["preemptions"])),
         ("total", f"{r['total_s']:.2f} s"),
     ]

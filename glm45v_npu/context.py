@@ -16,6 +16,7 @@ from .kernels.metadata import AttentionMetadata
 class ForwardContext:
     attn: AttentionMetadata
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V go in the cache; -1 = do not store
+    valid: torch.Tensor | None = None  # [T] bool, for padded batches (decode graphs): False rows route nowhere
 
     @property
     def is_decode(self) -> bool:
@@ -50,5 +51,7 @@ class ForwardContext:
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
             is_decode=all(q == 1 for q in query_lens),
+            host_cu_seqlens_q=cu.tolist(),
+            host_context_lens=list(context_lens),
         )
         return cls(attn, slots.to(device, non_blocking=True))

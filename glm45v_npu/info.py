@@ -18,10 +18,19 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
-def kernel_paths(device: torch.device) -> dict[str, str]:
+def kernel_table(device: torch.device) -> Table:
+    """The path each op takes on each device type; this machine's column is marked."""
     from .kernels import ops
 
-    return ops.describe(device)
+    t = Table(title="kernel path per op and device type",
+              caption="torch_npu ops check themselves against the twin at first use and fall back; "
+                      "split_qkv_rmsnorm_rope serves decode steps, prefill takes separate ops")
+    t.add_column("op", no_wrap=True)
+    for kind in ("cpu", "cuda", "npu"):
+        t.add_column(kind + (" (this machine)" if kind == device.type else ""))
+    for op, paths in ops.describe_all().items():
+        t.add_row(op, paths["cpu"], paths["cuda"], paths["npu"])
+    return t
 
 
 def render_info(model: str | None, device_name: str | None, dtype: str | None = None, tp: int = 1,
@@ -36,12 +45,7 @@ def render_info(model: str | None, device_name: str | None, dtype: str | None = 
     env.add_row("npu available", str(platform.npu_available()))
     for pkg in ("torch", "torch_npu", "triton", "triton-ascend", "transformers", "safetensors"):
         env.add_row(pkg, _version(pkg))
-    ops = Table(title="kernel path per op")
-    ops.add_column("op")
-    ops.add_column("path")
-    for op, path in kernel_paths(device).items():
-        ops.add_row(op, path)
-    parts = [env, ops]
+    parts = [env, kernel_table(device)]
     if model:
         from .config import load_config
         from .hub import resolve_model

@@ -74,7 +74,11 @@ def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: b
         raise Glm45vError(f"the KV cache budget ({budget / 2**30:.2f} GiB) holds fewer than 2 blocks of "
                           f"{block_size} tokens; raise kv_cache_gib or gpu_memory_utilization, or lower "
                           "max_num_batched_tokens or max_pixels (their warm-up peak comes first)")
-    return model, ModelRunner(model, num_blocks, block_size, device, spec.dtype), num_blocks, per_block
+    runner = ModelRunner(model, num_blocks, block_size, device, spec.dtype)
+    if device.type != "cpu" and not spec.config.enforce_eager:
+        max_len = spec.config.max_model_len or spec.model.text.max_position_embeddings
+        runner.enable_decode_graphs(spec.config.max_num_seqs, max_len, capture=True)
+    return model, runner, num_blocks, per_block
 
 
 def kv_budget(model, spec: RankSpec, device: torch.device) -> float:

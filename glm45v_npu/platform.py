@@ -50,12 +50,28 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     return _DTYPES[name]
 
 
-def npu_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """torch_npu's fused KV store (ATB ReshapeAndCache); ops.py checks it against the portable twin first."""
+def torch_npu_module():
+    """torch_npu, imported here only (kernels/npu_ops.py calls its fused ops through this)."""
     import torch_npu
 
-    torch_npu._npu_reshape_and_cache(key=k, value=v, key_cache=k_cache, value_cache=v_cache,
-                                     slot_indices=slot_mapping.to(torch.int32))
+    return torch_npu
+
+
+class GraphAPI:
+    """Capture and replay of device graphs, the same calls on CUDA (torch.cuda) and Ascend (torch.npu)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.Graph = module.CUDAGraph if hasattr(module, "CUDAGraph") else module.NPUGraph
+
+    def capture(self, graph, pool=None):
+        return self.module.graph(graph, pool=pool)
+
+
+def graph_api(device: torch.device) -> GraphAPI:
+    if device.type == "cpu":
+        raise RuntimeError("no device graphs on a CPU")
+    return GraphAPI(device_module(device))
 
 
 def device_module(device: torch.device):

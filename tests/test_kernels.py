@@ -161,29 +161,40 @@ def test_fused_moe_skips_other_ranks_experts(dtype):
     _close(fused_moe_torch(x, w13, w2, weights, ids), want, dtype)
 
 
-def test_self_checked_op_falls_back_to_its_twin(caplog):
-    """An NPU-only op proves itself against its portable twin at first use; on disagreement or error the twin
-    serves from then on, with one warning."""
-    from glm45v_npu.kernels.ops import SelfChecked
+@pytest.mark.parametrize("E, k, groups, topk_group, renorm, scaling", [
+    (128, 8, 1, 1, True, 1.0),    # GLM-4.5V
+    (16, 4, 4, 2, True, 1.5),     # group-limited
+    (6, 3, 3, 2, False, 2.5),     # no renormalisation, scaling != 1
+    (160, 8, 8, 4, True, 2.5),    # GLM-4.5's expert count, wide groups
+])
+def test_router_matches_twin_and_transformers(E, k, groups, topk_group, renorm, scaling):
+    """The fused router (one Triton program per token) equals its twin, and both equal transformers' router
+    module given the same gate weights."""
+    from transformers import Glm4vMoeTextConfig
+    from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextTopkRouter
 
-    def twin(x):
-        return x * 2
+    from glm45v_npu.kernels.router import route_torch, route_triton
 
-    def make(device):
-        return [torch.arange(4.0, device=device)]
-
-    good = SelfChecked("double", lambda x: x + x, twin, make)
-    wrong = SelfChecked("double", lambda x: x * 3, twin, make)
-    broken = SelfChecked("double", lambda x: 1 / 0, twin, make)
-    x = torch.ones(3)
-    with caplog.at_level("WARNING", logger="glm45v_npu"):
-        assert torch.equal(good(x), x * 2) and good.verified
-        assert torch.equal(wrong(x), x * 2) and wrong.verified is False
-        assert torch.equal(broken(x), x * 2) and broken.verified is False
-        wrong(x)
-        broken(x)
-    warnings = [r.message for r in caplog.records]
-    assert len(warnings) == 2 and "disagrees" in warnings[0] and "failed its self-check" in warnings[1]
+    T, H = 37, 24
+    cfg = Glm4vMoeTextConfig(hidden_size=H, n_routed_experts=E, num_experts_per_tok=k, n_group=groups,
+                             topk_group=topk_group, norm_topk_prob=renorm, routed_scaling_factor=scaling)
+    ref = Glm4vMoeTextTopkRouter(cfg)
+    g = torch.Generator().manual_seed(E + k)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(E, H, generator=g))
+        ref.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.3)
+    x = torch.randn(T, H, generator=g)
+    _, ref_w, ref_ids = ref(x)
+    logits = torch.nn.functional.linear(x, ref.weight)
+    args = (ref.e_score_correction_bias, k, groups, topk_group, renorm, scaling)
+    twin_w, twin_ids = route_torch(logits.double(), *args)
+    got_w, got_ids = route_triton(logits.to(DEV), *args)
+    order = ref_ids.sort(-1)
+    for w, ids in ((twin_w, twin_ids), (got_w.cpu(), got_ids.cpu())):
+        assert torch.equal(ids, twin_ids)  # same experts in the same (descending choice) order
+        o = ids.sort(-1)
+        assert torch.equal(o.values, order.values)
+        assert torch.allclose(w.gather(1, o.indices).double(), ref_w.gather(1, order.indices).double(), atol=1e-6)
 
 
 def _no_specialize(kernel) -> set[str]:

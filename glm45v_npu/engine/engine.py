@@ -45,6 +45,9 @@ class EngineStats:
     running: int
     waiting: int
     requests: int  # requests the engine still holds (unfinished, or finished and not yet reported)
+    steps: int  # model steps run so far
+    host_s: float  # seconds in those steps on the host: scheduling, step inputs, stop rules, detokenising
+    device_s: float  # seconds from launching the model to the sampled tokens on the host
 
 
 @dataclass(eq=False)
@@ -108,6 +111,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._owner: dict[int, tuple[_Request, _Completion]] = {}
         self._dirty: dict[str, None] = {}  # requests with something to report at the next step, in order
+        self._timing = [0, 0.0, 0.0]  # steps, host seconds, device seconds
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device)", num_blocks,
                  config.block_size, self.capacity_tokens, num_blocks * per_block / 2**30)
 
@@ -183,7 +187,7 @@ class Engine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(self.blocks.num_blocks, self.blocks.num_free, self.blocks.block_size, self.blocks.hits,
-                           s.preemptions, len(s.running), len(s.waiting), len(self._requests))
+                           s.preemptions, len(s.running), len(s.waiting), len(self._requests), *self._timing)
 
     def close(self) -> None:
         self.cluster.close()
@@ -195,6 +199,7 @@ class Engine:
         (per its SamplingParams.output_kind) and for each request that finished."""
         if self.cluster.broken:
             raise Glm45vError(self.cluster.broken)
+        t0 = time.perf_counter()
         for seq_id in self.scheduler.take_released():
             self.runner.forget(seq_id)
         batch = self.scheduler.schedule()
@@ -210,10 +215,13 @@ class Engine:
                 self.runner.pending_release.difference_update(release.release)
             return self._emit()
         plan = self.runner.prepare(batch)
+        t1 = time.perf_counter()
         with self.cluster.collective():
             self.cluster.send(plan.inputs)
             logits = self.runner.execute(plan.inputs)
         sampled = self._sample(plan, logits) if plan.samplers else None
+        platform.synchronize(self.device)
+        t2 = time.perf_counter()
         # nothing above changed a sequence; from here on the step is committed
         self.runner.commit(plan)
         now = time.perf_counter()
@@ -226,7 +234,12 @@ class Engine:
         if sampled is not None:
             for row, seq in enumerate(plan.samplers):
                 self._append(seq, row, sampled, now)
-        return self._emit()
+        outs = self._emit()
+        t3 = time.perf_counter()
+        self._timing[0] += 1
+        self._timing[1] += (t1 - t0) + (t3 - t2)
+        self._timing[2] += t2 - t1
+        return outs
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> Sampled:
         seqs = plan.samplers

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..context import ForwardContext
+from .graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -60,7 +61,15 @@ class ModelRunner:
         self.image_embeds: dict[int, torch.Tensor] = {}  # vision output per sequence until its prompt is in
         self.encoded: set[int] = set()  # rank 0: sequences whose vision output every rank holds
         self.pending_release: set[int] = set()
+        self.graphs: DecodeGraphs | None = None
         allocate_kv_cache(model, num_blocks, block_size, device, dtype)
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
+        """Decode steps of up to the largest bucket run on static buffers, captured as graphs when `capture`
+        (eagerly on the same buffers otherwise, e.g. on a CPU)."""
+        self.graphs = DecodeGraphs(self.model, max_num_seqs, -(-max_model_len // self.block_size), self.block_size,
+                                   self.device, capture)
+        self.graphs.capture()
 
     def prepare(self, batch: ScheduledBatch) -> StepPlan:
         ids, pos, rows, encode, samplers, sample_rows, images_done = [], [], [], [], [], [], []
@@ -125,11 +134,16 @@ class ModelRunner:
             # one image at a time: the vision tower's peak memory is that of the largest image, not of the batch
             self.image_embeds[seq_id] = torch.cat(
                 [e for px, g in zip(pixels, grids) for e in m.encode_images(px.to(self.device), [g])])
+        B = len(inp.query_lens)
+        if (self.graphs is not None and B and self.graphs.fits(B) and len(inp.token_ids) == B
+                and not inp.image_rows and inp.sample_rows == list(range(B))):  # a plain decode step
+            self._release(inp.release)
+            bucket = self.graphs.load(inp.token_ids, inp.positions, inp.context_lens, inp.block_tables)
+            return self.graphs.run(bucket)[:B]
         embeds = m.embed(torch.tensor(inp.token_ids, dtype=torch.long, device=self.device))
         for seq_id, src, dst, count in inp.image_rows:
             embeds[dst : dst + count] = self.image_embeds[seq_id][src : src + count].to(embeds.dtype)
-        for seq_id in inp.release:
-            self.image_embeds.pop(seq_id, None)
+        self._release(inp.release)
         if not inp.token_ids:
             return embeds.new_zeros(0)
         ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
@@ -137,3 +151,7 @@ class ModelRunner:
         if not inp.sample_rows:
             return hidden.new_zeros(0)
         return m.logits(hidden[torch.tensor(inp.sample_rows, device=self.device)])
+
+    def _release(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self.image_embeds.pop(seq_id, None)

@@ -55,7 +55,8 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     (no boolean indexing, no .item()), so it runs inside a captured graph."""
     flat = topk_ids.flatten().clamp(max=num_experts)  # ids >= num_experts: another rank's, never placed
     tk = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]  # bincount would sync
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     starts = ends - padded

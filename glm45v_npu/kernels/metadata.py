@@ -17,6 +17,8 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     is_decode: bool  # every sequence brings exactly one new token
+    host_cu_seqlens_q: list[int] | None = None  # host copies, for vendor ops that take lengths as lists
+    host_context_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:

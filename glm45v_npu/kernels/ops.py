@@ -1,9 +1,10 @@
 """Which implementation each op takes, decided per device type in this one place.
 
-cpu: the torch twins. cuda: the Triton kernels. npu: the same Triton kernels through triton-ascend, and
-torch_npu fused ops where they exist; every torch_npu op is checked against its twin on a small random input at
-first use and, if it disagrees or raises, a warning is logged once and the twin is used from then on.
-GLM45V_KERNELS=torch|triton overrides the choice (triton on a CPU needs TRITON_INTERPRET=1; tests use it).
+cpu: the torch twins. cuda: the Triton kernels (ops without one run their twin). npu: torch_npu fused ops
+where they exist, each a SelfChecked wrapper that proves itself against the twin on its first real call (per
+kind of call) and otherwise hands over to the portable path, the same Triton kernels through triton-ascend.
+GLM45V_KERNELS=torch|triton overrides the portable choice (triton on a CPU needs TRITON_INTERPRET=1; tests use
+it).
 """
 
 from __future__ import annotations
@@ -11,23 +12,73 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from . import npu_ops
 from .fused_moe import fused_moe_torch
 from .kv_cache import store_kv_torch
 from .paged_attention import paged_attention_torch
+from .reference import apply_rope, rms_norm
+from .router import route_torch
 from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 
 log = logging.getLogger("glm45v_npu")
 
-OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe")
 TWINS: dict[str, Callable] = {
     "split_qkv_rmsnorm_rope": split_qkv_rmsnorm_rope_torch,
     "store_kv": store_kv_torch,
     "paged_attention": paged_attention_torch,
     "fused_moe": fused_moe_torch,
+    "route": route_torch,
+    "rms_norm": rms_norm,
+    "apply_rope": apply_rope,
 }
+OPS = tuple(TWINS)
+
+
+def _triton_impls() -> dict[str, Callable]:
+    from .fused_moe import fused_moe_triton
+    from .kv_cache import store_kv_triton
+    from .paged_attention import paged_attention_triton
+    from .router import route_triton
+    from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_triton
+
+    return {"split_qkv_rmsnorm_rope": split_qkv_rmsnorm_rope_triton, "store_kv": store_kv_triton,
+            "paged_attention": paged_attention_triton, "fused_moe": fused_moe_triton, "route": route_triton}
+
+
+TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route")
+
+# torch_npu fast paths, and what makes two calls different enough to check each kind once
+NPU_OPS: dict[str, Callable] = {
+    "store_kv": npu_ops.store_kv,
+    "paged_attention": npu_ops.paged_attention,
+    "fused_moe": npu_ops.fused_moe,
+    "route": npu_ops.route,
+    "rms_norm": npu_ops.rms_norm,
+    "apply_rope": npu_ops.apply_rope,
+}
+CHECK_KIND: dict[str, Callable[..., Any]] = {
+    "paged_attention": lambda q, kc, vc, meta, scale: (meta.is_decode, q.dtype, kc.shape[1:]),
+    "rms_norm": lambda x, w, eps, bias=None: (x.dtype, x.shape[-1], bias is None),
+    "apply_rope": lambda x, cos, sin: (x.dtype, x.shape[1:], cos.shape[-1]),
+    "route": lambda logits, bias, *cfg: (logits.dtype, logits.shape[-1], cfg),
+    "fused_moe": lambda x, w13, w2, w, ids: (x.dtype, w13.shape, ids.shape[1]),
+    "store_kv": lambda k, v, kc, vc, slots: (k.dtype, kc.dtype, kc.shape[1:]),
+}
+
+
+def _stored(k, v, k_cache, v_cache, slot_mapping) -> bool:
+    """store_kv is in place: check the rows it wrote instead of running a twin on a copy of the whole cache."""
+    keep = slot_mapping >= 0
+    rows = slot_mapping[keep]
+    kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    return torch.equal(kc[rows], k[keep].to(kc.dtype)) and torch.equal(vc[rows], v[keep].to(vc.dtype))
+
+
+IN_PLACE_CHECK: dict[str, Callable[..., bool]] = {"store_kv": _stored}
 
 
 def backend(device: torch.device) -> str:
@@ -39,98 +90,127 @@ def backend(device: torch.device) -> str:
     return "torch" if device.type == "cpu" else "triton"
 
 
-def _triton_impls() -> dict[str, Callable]:
-    from .fused_moe import fused_moe_triton
-    from .kv_cache import store_kv_triton
-    from .paged_attention import paged_attention_triton
-    from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_triton
-
-    return {"split_qkv_rmsnorm_rope": split_qkv_rmsnorm_rope_triton, "store_kv": store_kv_triton,
-            "paged_attention": paged_attention_triton, "fused_moe": fused_moe_triton}
-
-
 _cache: dict[tuple[str, str], Callable] = {}
+
+
+def portable(op: str, device: torch.device) -> Callable:
+    """The op on this device without vendor libraries: its Triton kernel on a Triton backend, else its twin."""
+    if backend(device) == "triton" and op in TRITON_OPS:
+        return _triton_impls()[op]
+    return TWINS[op]
 
 
 def impl(op: str, device: torch.device) -> Callable:
     key = (op, device.type)
     if key not in _cache:
-        chosen = TWINS[op]
-        if backend(device) == "triton":
-            chosen = _triton_impls()[op]
+        chosen = portable(op, device)
         if device.type == "npu" and op in NPU_OPS:
-            chosen = SelfChecked(op, NPU_OPS[op], TWINS[op], CHECK_INPUTS[op])
+            chosen = SelfChecked(op, NPU_OPS[op], chosen, TWINS[op], CHECK_KIND.get(op), IN_PLACE_CHECK.get(op))
         _cache[key] = chosen
     return _cache[key]
 
 
 def qkv_split(is_decode: bool, device: torch.device) -> Callable:
     """The conditional fused decode path: decode steps take the backend's split + norm + rope (the fused kernel
-    on Triton backends); prefill, extend and mixed batches take split + optional QK norm + M-RoPE in plain ops."""
-    return impl("split_qkv_rmsnorm_rope", device) if is_decode else split_qkv_rmsnorm_rope_torch
+    on Triton backends); prefill, extend and mixed batches take the split, the optional QK norm and M-RoPE as
+    separate ops (each the device's best: torch_npu's on an NPU, the twins elsewhere)."""
+    return impl("split_qkv_rmsnorm_rope", device) if is_decode else split_qkv_plain
+
+
+def split_qkv_plain(qkv: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, q_size: int, kv_size: int,
+                    head_dim: int, eps: float | None = None, q_weight: torch.Tensor | None = None,
+                    k_weight: torch.Tensor | None = None, q_bias: torch.Tensor | None = None,
+                    k_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """split_qkv_rmsnorm_rope as separate ops (same signature)."""
+    T, dev = qkv.shape[0], qkv.device
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = q.reshape(T, -1, head_dim), k.reshape(T, -1, head_dim)
+    if eps is not None:
+        norm = impl("rms_norm", dev)
+        q, k = norm(q, q_weight, eps, q_bias), norm(k, k_weight, eps, k_bias)
+    rope = impl("apply_rope", dev)
+    return rope(q, cos, sin).reshape(T, q_size), rope(k, cos, sin).reshape(T, kv_size), v.contiguous()
 
 
 def describe(device: torch.device) -> dict[str, str]:
-    out = {}
-    for op in OPS:
-        name = "triton" if backend(device) == "triton" else "torch twin"
-        if device.type == "npu" and op in NPU_OPS:
-            name = f"torch_npu (self-checked, twin fallback); {name} otherwise"
-        if op == "split_qkv_rmsnorm_rope":
-            name += " on decode steps, plain ops on prefill" if name.startswith("triton") else ""
-        out[op] = name
-    return out
+    """The path each op takes on this device."""
+    return {op: _path(op, device.type) for op in OPS}
+
+
+def describe_all() -> dict[str, dict[str, str]]:
+    """The path each op would take on each device type (for `glm45v info`)."""
+    return {op: {kind: _path(op, kind) for kind in ("cpu", "cuda", "npu")} for op in OPS}
+
+
+def _path(op: str, kind: str) -> str:
+    forced = os.environ.get("GLM45V_KERNELS")
+    triton = (forced or ("torch" if kind == "cpu" else "triton")) == "triton" and op in TRITON_OPS
+    name = "triton" if triton else "torch twin"
+    if kind == "npu":
+        name = "triton-ascend" if triton else name
+        if op in NPU_OPS:
+            name = f"torch_npu, else {name}"
+    return name
 
 
 class SelfChecked:
-    """A device-specific fast op that proves itself against its portable twin the first time it runs."""
+    """A device-specific fast op that proves itself against its portable twin on its first real call of each
+    kind (shapes, modes): both run on the same inputs, and if they disagree or the fast op raises, one warning is
+    logged and the fallback serves from then on. A later error does the same. An in-place op is checked by
+    `written` (what it should have written) instead, and redone by the fallback when wrong."""
 
-    def __init__(self, name: str, fast: Callable, twin: Callable, make_inputs: Callable):
-        self.name, self.fast, self.twin, self.make_inputs = name, fast, twin, make_inputs
-        self.verified: bool | None = None
+    def __init__(self, name: str, fast: Callable, fallback: Callable, twin: Callable,
+                 kind: Callable[..., Any] | None = None, written: Callable[..., bool] | None = None):
+        self.name, self.fast, self.fallback, self.twin, self.kind = name, fast, fallback, twin, kind
+        self.written = written
+        self.checked: set = set()
+        self.failed = False
 
-    def _verify(self, device: torch.device) -> bool:
-        try:
-            args_fast = self.make_inputs(device)
-            args_twin = [a.clone() if torch.is_tensor(a) else a for a in args_fast]
-            got = self.fast(*args_fast)
-            want = self.twin(*args_twin)
-            got = got if got is not None else [a for a in args_fast if torch.is_tensor(a)]
-            want = want if want is not None else [a for a in args_twin if torch.is_tensor(a)]
-            got = got if isinstance(got, (list, tuple)) else [got]
-            want = want if isinstance(want, (list, tuple)) else [want]
-            ok = all(torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2) for g, w in zip(got, want))
-            if not ok:
-                log.warning("%s: torch_npu result disagrees with the portable twin; using the twin", self.name)
-            return ok
-        except Exception as e:  # any failure of the vendor op means: do not use it
-            log.warning("%s: torch_npu op failed its self-check (%s); using the portable twin", self.name, e)
-            return False
+    @property
+    def verified(self) -> bool | None:
+        return False if self.failed else (True if self.checked else None)
+
+    def _give_up(self, why: str) -> None:
+        self.failed = True
+        log.warning("%s: torch_npu %s; using the portable path", self.name, why)
 
     def __call__(self, *args, **kwargs):
-        if self.verified is None:
-            device = next(a.device for a in args if torch.is_tensor(a))
-            self.verified = self._verify(device)
-        return (self.fast if self.verified else self.twin)(*args, **kwargs)
+        if self.failed:
+            return self.fallback(*args, **kwargs)
+        key = self.kind(*args, **kwargs) if self.kind else None
+        if key in self.checked:
+            try:
+                return self.fast(*args, **kwargs)
+            except Exception as e:  # any failure of the vendor op: do not use it again
+                self._give_up(f"op failed ({type(e).__name__}: {e})")
+                return self.fallback(*args, **kwargs)
+        want = None if self.written else self.twin(*args, **kwargs)
+        try:
+            got = self.fast(*args, **kwargs)
+            ok = self.written(*args, **kwargs) if self.written else _agree(got, want)
+        except Exception as e:  # any failure of the vendor op means: do not use it
+            self._give_up(f"op failed its self-check ({type(e).__name__}: {e})")
+            ok, got = None, None
+        if ok:
+            self.checked.add(key)
+            return got
+        if ok is False:
+            self._give_up("result disagrees with the portable twin")
+        return self.fallback(*args, **kwargs) if self.written else want
 
 
-# --- torch_npu fast ops (thin wrappers with the twins' signatures) --------------------------------------------
-
-
-def _npu_store_kv(k, v, k_cache, v_cache, slot_mapping):
-    from ..platform import npu_reshape_and_cache
-
-    npu_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
-
-
-def _store_kv_inputs(device):
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(6, 2, 16, generator=g).to(device, torch.bfloat16)
-    v = torch.randn(6, 2, 16, generator=g).to(device, torch.bfloat16)
-    caches = [torch.zeros(4, 4, 2, 16, dtype=torch.bfloat16, device=device) for _ in range(2)]
-    slots = torch.tensor([0, 5, 9, -1, 14, 3], device=device)
-    return [k, v, *caches, slots]
-
-
-NPU_OPS: dict[str, Callable] = {"store_kv": _npu_store_kv}
-CHECK_INPUTS: dict[str, Callable] = {"store_kv": _store_kv_inputs}
+def _agree(got: Any, want: Any) -> bool:
+    got = list(got) if isinstance(got, (list, tuple)) else [got]
+    want = list(want) if isinstance(want, (list, tuple)) else [want]
+    pairs = [(g, w) for g, w in zip(got, want) if torch.is_tensor(g) and torch.is_tensor(w)]
+    if len(got) != len(want) or not pairs:
+        return False
+    for g, w in pairs:
+        if g.shape != w.shape:
+            return False
+        if not g.is_floating_point():
+            if not torch.equal(g.long().sort(-1)[0], w.long().sort(-1)[0]):  # ids: the same set per row
+                return False
+        elif not torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2):
+            return False
+    return True

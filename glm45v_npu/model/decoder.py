@@ -22,14 +22,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layout, source)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.is_moe_layer(layer):
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
             self.mlp = MoE(cfg, layout, source)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, layout.even(cfg.intermediate_size, "intermediate_size", source)[1])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
-        return x + all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        h = self.post_attention_layernorm(x)
+        return x + all_reduce(self.mlp(h, ctx.valid) if self.is_moe else self.mlp(h))
 
 
 class TextModel(nn.Module):

@@ -24,20 +24,9 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(E, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias
-        if self.n_group > 1:
-            T, E = choice.shape
-            grouped = choice.view(T, self.n_group, E // self.n_group)
-            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)
-            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(T, E)
-        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        logits = F.linear(x.float(), self.weight.float())
+        return ops.impl("route", x.device)(logits, self.e_score_correction_bias, self.top_k, self.n_group,
+                                            self.topk_group, self.norm_topk_prob, self.scaling)
 
 
 class Experts(nn.Module):
@@ -72,6 +61,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         self.gate = Router(cfg)
+        self.num_experts = cfg.n_routed_experts
         self.experts = Experts(cfg, layout, source)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared_experts = (
@@ -79,8 +69,11 @@ class MoE(nn.Module):
             if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """valid [T] bool marks real rows of a padded batch; the others route to no expert."""
         weights, ids = self.gate(x)
+        if valid is not None:
+            ids = ids.masked_fill(~valid[:, None], self.num_experts)  # the id every MoE kernel skips
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

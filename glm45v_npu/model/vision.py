@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from ..kernels.reference import apply_rope
+from ..kernels import ops
 from .layers import Embedding, Linear, RMSNorm, SwiGLU
 from .rope import vision_rope
 
@@ -22,7 +22,8 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = ops.impl("apply_rope", x.device)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         outs = [
             F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
             for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))
