@@ -107,6 +107,7 @@ def test_caption_folder_with_bad_files_and_resume(env, images, tmp_path):
     assert again.returncode == 0 and _lines(out) == rows
 
 
+@pytest.mark.slow
 def test_caption_interrupted_then_resumed(env, tmp_path):
     d = tmp_path / "many"
     d.mkdir()
@@ -136,6 +137,7 @@ def test_bench_json_tiny_random(env):
     _check_metrics(json.loads(r.stdout))
 
 
+@pytest.mark.slow
 def test_bench_json_real_config_dummy_weights(env):
     r = glm45v(env, "bench", "--model", "glm-4.5v", "--load-format", "dummy", "--num-layers", 2, "--batch", 2,
                "--input-len", 8, "--output-len", 3, "--dtype", "bfloat16", "--kv-cache-gib", 0.05, "--json")
@@ -174,6 +176,7 @@ def test_user_mistakes_give_one_line_and_exit_2(env, images, thin_folder, tmp_pa
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_chat_on_two_ranks(env):
     r = glm45v(env, "chat", "-p", "hi", "--json", "--max-tokens", 4, "--temperature", 0, "--tensor-parallel-size", 2)
     assert r.returncode == 0, r.stderr

@@ -152,6 +152,7 @@ def test_low_precision_load_keeps_router_fp32(sharded):
     assert model.visual.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_loader_holds_one_checkpoint_tensor_at_a_time(sharded, monkeypatch):
     """Host memory during a load stays bounded: each tensor read is released before the next one is read."""
     import gc

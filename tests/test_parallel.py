@@ -43,7 +43,7 @@ def single(ckpt):
     return llm.generate(_requests(), PARAMS)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("expert_parallel", [True, False], ids=["expert-parallel", "tensor-parallel-experts"])
 def test_matches_single_process(ckpt, single, world, expert_parallel):
     llm = LLM(ckpt, block_size=4, kv_cache_gib=0.002, tensor_parallel_size=world,
