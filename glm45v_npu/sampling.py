@@ -111,6 +111,7 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator
 
+    @torch.inference_mode()
     def __call__(
         self,
         logits: torch.Tensor,

@@ -113,3 +113,28 @@ def test_incremental_detokenizer_is_utf8_safe(tmp_path):
         if keep.stopped:
             break
     assert keep.text == "héllo " and keep.delta(final=True) == "héllo "
+
+
+def test_presence_and_frequency_penalties_act_on_generated_tokens_only():
+    logits = torch.tensor([[3.0, 2.5, 0.0, 1.0]])
+    prompt_then_output = [[1, 1, 1, 0, 0]]  # token 1 only in the prompt, token 0 generated twice
+    pick = lambda **kw: Sampler()(logits.clone(), [SamplingParams(temperature=0, **kw)], [None],  # noqa: E731
+                                  prompt_then_output, [3]).tokens[0]
+    assert pick() == 0
+    assert pick(presence_penalty=0.4) == 0 and pick(presence_penalty=0.6) == 1  # 3 - 0.6 < 2.5
+    assert pick(frequency_penalty=0.2) == 0 and pick(frequency_penalty=0.3) == 1  # 3 - 2 x 0.3 < 2.5
+    assert pick(repetition_penalty=1.3) == 0  # repetition counts the prompt: 2.5 / 1.3 < 3 / 1.3
+
+
+def test_min_tokens_keeps_stop_ids_away():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    sampled = Sampler()(logits.clone(), [SamplingParams(temperature=0)], [None], [[]], [0], [[1]])
+    assert sampled.tokens == [2] and sampled.ranks == [2]  # the suppressed eos would have been first
+
+
+def test_top_logprobs_and_ranks():
+    logits = torch.tensor([[0.1, 2.0, 1.0, 3.0]])
+    s = Sampler()(logits.clone(), [SamplingParams(temperature=0, logprobs=2)], [None], [[]])
+    lp = torch.log_softmax(logits, -1)[0]
+    assert s.tokens == [3] and s.ranks == [1] and [t for t, _ in s.top[0]] == [3, 1]
+    assert all(abs(v - float(lp[t])) < 1e-6 for t, v in s.top[0])
