@@ -38,8 +38,9 @@ class StreamSplitter:
     """Splits streamed text into ("reasoning" | "answer" | "box", text) pieces as it arrives; a marker split
     across two deltas is held back until it is complete."""
 
-    def __init__(self, in_think: bool = False):
+    def __init__(self, in_think: bool = False, keep_box_markers: bool = False):
         self.in_think, self.in_box = in_think, False
+        self.keep_box_markers = keep_box_markers  # the API's content keeps them; the CLI highlights boxes instead
         self.pending = ""
 
     def _kind(self) -> str:
@@ -54,6 +55,8 @@ class StreamSplitter:
                 i, marker = min(hits)
                 if i:
                     out.append((self._kind(), self.pending[:i]))
+                if self.keep_box_markers and marker in (BOX_OPEN, BOX_CLOSE) and not self.in_think:
+                    out.append(("box", marker))
                 self.pending = self.pending[i + len(marker) :]
                 self.in_think = {THINK_OPEN: True, THINK_CLOSE: False}.get(marker, self.in_think)
                 self.in_box = {BOX_OPEN: True, BOX_CLOSE: False}.get(marker, self.in_box)
@@ -69,3 +72,30 @@ class StreamSplitter:
     def flush(self) -> list[tuple[str, str]]:
         rest, self.pending = self.pending, ""
         return [(self._kind(), rest)] if rest else []
+
+
+class ReasoningStream:
+    """Streamed text -> (reasoning delta, content delta), as an OpenAI-style API reports them: the <think> part
+    is reasoning; the rest is content, grounding box markers kept. Text before any <think> is content, so an
+    answer that skips thinking is all content."""
+
+    def __init__(self):
+        self.splitter = StreamSplitter(keep_box_markers=True)
+
+    def _join(self, pieces: list[tuple[str, str]]) -> tuple[str, str]:
+        reasoning = "".join(text for kind, text in pieces if kind == "reasoning")
+        return reasoning, "".join(text for kind, text in pieces if kind != "reasoning")
+
+    def feed(self, text: str) -> tuple[str, str]:
+        return self._join(self.splitter.feed(text))
+
+    def flush(self) -> tuple[str, str]:
+        return self._join(self.splitter.flush())
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Whole text -> (reasoning, content)."""
+    stream = ReasoningStream()
+    a, b = stream.feed(text)
+    c, d = stream.flush()
+    return a + c, b + d

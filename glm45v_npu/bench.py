@@ -67,12 +67,7 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     if bad:
         raise Glm45vError(f"bench request rejected: {bad[0]}")
     times = [o.metrics.token_times[0] for o in outs]
-    ttft = [t[0] for t in times]
-    itl = [b - a for t in times for a, b in zip(t, t[1:])]
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
-    generated = sum(len(t) for t in times)
-    last_first = max(ttft)
-    decode_time = max(t[-1] for t in times) - last_first
     peak = platform.peak_memory(llm.device)
     if llm.device.type == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -81,18 +76,107 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     return {
         "model": llm.model_config.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
         "batch": batch, "input_len": input_len, "output_len": output_len, "images_per_request": images,
-        "prompt_tokens": prompt_tokens, "generated_tokens": generated, "total_s": total,
-        "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
-        "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
-        "prefill_tokens_per_s": prompt_tokens / last_first,
-        "decode_tokens_per_s": (generated - batch) / decode_time if decode_time > 0 else float("nan"),
-        "output_tokens_per_s": generated / total,
+        **latency_summary(times, prompt_tokens, total),
         "peak_memory_bytes": peak, "peak_memory_is_process_rss": llm.device.type == "cpu",
         "kv_cache_blocks": stats.num_blocks, "kv_cache_tokens": stats.num_blocks * stats.block_size,
         "preemptions": stats.preemptions, "steps": steps,
         "host_s_per_step": (stats.host_s - before.host_s) / steps,
         "device_s_per_step": (stats.device_s - before.device_s) / steps,
     }
+
+
+def latency_summary(times: list[list[float]], prompt_tokens: int, total: float, generated: int | None = None
+                    ) -> dict:
+    """From each request's token arrival times (seconds since it was sent): TTFT, ITL and throughputs. Over
+    HTTP a chunk can carry several tokens (or none, while a character's bytes are incomplete): `generated`
+    then comes from the server's usage counts."""
+    ttft = [t[0] for t in times if t]
+    itl = [b - a for t in times for a, b in zip(t, t[1:])]
+    generated = sum(len(t) for t in times) if generated is None else generated
+    last_first = max(ttft)
+    decode_time = max(t[-1] for t in times if t) - last_first
+    return {
+        "prompt_tokens": prompt_tokens, "generated_tokens": generated, "total_s": total,
+        "ttft_mean_s": sum(ttft) / len(ttft), "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
+        "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99),
+        "prefill_tokens_per_s": prompt_tokens / last_first,
+        "decode_tokens_per_s": (generated - len(times)) / decode_time if decode_time > 0 else float("nan"),
+        "output_tokens_per_s": generated / total,
+    }
+
+
+def run_bench_http(url: str, api_key: str | None, batch: int, input_len: int, output_len: int, images: int,
+                   size: tuple[int, int], concurrency: int, rate: float | None) -> dict:
+    """The same workload through a running `glm45v serve` (streamed /v1/completions, or chat when images
+    are sent): at most `concurrency` requests in flight, started at `rate` per second (all at once if None)."""
+    import asyncio
+    import base64
+    import io
+    import json
+
+    import httpx
+    from PIL import Image
+
+    rng = random.Random(0)
+
+    def body(i: int) -> tuple[str, dict]:
+        words = " ".join(rng.choice(["apple", "river", "stone", "light", "cloud", "green"]) for _ in range(input_len))
+        common = {"max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                  "stream_options": {"include_usage": True}}
+        if not images:
+            return "/v1/completions", {**common, "prompt": words}
+        parts = []
+        for k in range(images):
+            g = torch.Generator().manual_seed(i * 10 + k)
+            px = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, "PNG")
+            parts.append({"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+        return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": [
+            *parts, {"type": "text", "text": words}]}]}
+
+    async def one(http, sem, path, payload):
+        async with sem:
+            start = time.perf_counter()
+            times, usage = [], {}
+            async with http.stream("POST", path, json=payload) as r:
+                if r.status_code != 200:
+                    raise Glm45vError(f"{url}{path}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    for c in chunk.get("choices", []):
+                        if c.get("text") or (c.get("delta") or {}).get("content") or c.get("logprobs"):
+                            times.append(time.perf_counter() - start)
+            return times, usage
+
+    async def main():
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None) as http:
+            await one(http, sem, *body(-1))  # warm-up
+            tasks = []
+            start = time.perf_counter()
+            for i in range(batch):
+                tasks.append(asyncio.create_task(one(http, sem, *body(i))))
+                if rate:
+                    await asyncio.sleep(rng.expovariate(rate))
+            results = await asyncio.gather(*tasks)
+            return results, time.perf_counter() - start
+
+    try:
+        results, total = asyncio.run(main())
+    except httpx.HTTPError as e:
+        raise Glm45vError(f"--url {url}: {type(e).__name__}: {e}") from None
+    times = [t for t, _ in results]
+    prompt = sum(u.get("prompt_tokens", 0) for _, u in results)
+    generated = sum(u.get("completion_tokens", 0) for _, u in results)
+    return {"model": url, "device": "server", "dtype": "-", "batch": batch, "input_len": input_len,
+            "output_len": output_len, "images_per_request": images, "concurrency": concurrency, "rate": rate,
+            **latency_summary(times, prompt, total, generated)}
 
 
 def table(r: dict) -> Table:
@@ -108,14 +192,17 @@ def table(r: dict) -> Table:
         ("prefill throughput", f"{r['prefill_tokens_per_s']:.0f} tok/s"),
         ("decode throughput", f"{r['decode_tokens_per_s']:.0f} tok/s"),
         ("output throughput", f"{r['output_tokens_per_s']:.0f} tok/s"),
-        ("peak memory" + (" (process RSS)" if r["peak_memory_is_process_rss"] else " (device)"),
-         f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
-        ("KV cache", f"{r['kv_cache_blocks']} blocks = {r['kv_cache_tokens']} tokens"),
-        ("per step: host (schedule, inputs, stop rules) / device (model + sampling)",
-         f"{ms(r['host_s_per_step'])} / {ms(r['device_s_per_step'])} over {r['steps']} steps"),
-        ("preemptions", str(r["preemptions"])),
         ("total", f"{r['total_s']:.2f} s"),
     ]
+    if "steps" in r:  # run in this process: what the engine saw
+        rows[-1:-1] = [
+            ("peak memory" + (" (process RSS)" if r["peak_memory_is_process_rss"] else " (device)"),
+             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"),
+            ("KV cache", f"{r['kv_cache_blocks']} blocks = {r['kv_cache_tokens']} tokens"),
+            ("per step: host (schedule, inputs, stop rules) / device (model + sampling)",
+             f"{ms(r['host_s_per_step'])} / {ms(r['device_s_per_step'])} over {r['steps']} steps"),
+            ("preemptions", str(r["preemptions"])),
+        ]
     for row in rows:
         t.add_row(*row)
     return t

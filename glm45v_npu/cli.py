@@ -8,7 +8,9 @@ import functools
 import inspect
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -383,12 +385,33 @@ def bench(
     as_json: Annotated[bool, Opt("--json", help="print JSON instead of a table")] = False,
     roofline: Annotated[bool, Opt("--roofline", help="decode step at batch 1 and --batch vs its byte floor and "
                                   "vs transformers (dummy weights, --num-layers, default 4)")] = False,
+    url: Annotated[str | None, Opt("--url", metavar="URL", help="run the workload against `glm45v serve` at URL "
+                                   "(e.g. http://127.0.0.1:8000) instead of in this process")] = None,
+    api_key: Annotated[str | None, Opt("--api-key", metavar="KEY", help="with --url: the server's key",
+                                       envvar="GLM45V_API_KEY")] = None,
+    concurrency: Annotated[int | None, Opt("--concurrency", metavar="N", help="with --url: requests in flight "
+                                           "at most (default: --batch)")] = None,
+    request_rate: Annotated[float | None, Opt("--request-rate", metavar="R", help="with --url: requests started "
+                                              "per second, Poisson (default: all at once)")] = None,
     engine: EngineConfig = None,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
-    from .bench import parse_size, run_bench
+    from .bench import parse_size, run_bench, run_bench_http
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
+    if url:
+        require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
+        require(concurrency is None or concurrency >= 1, f"--concurrency {concurrency}: must be >= 1")
+        require(request_rate is None or request_rate > 0, f"--request-rate {request_rate}: must be > 0")
+        result = run_bench_http(url.rstrip("/"), api_key, batch, input_len, output_len, images,
+                                parse_size(image_size), concurrency or batch, request_rate)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            from .bench import table
+
+            out.print(table(result))
+        return
     if roofline:
         from . import roofline as rl
 
@@ -441,6 +464,64 @@ def caption(
     code = run_caption(llm, paths, out_file, prompt, params, batch, overwrite, thinking=think,
                        system_prompt=system_prompt, console=err)
     raise typer.Exit(code)
+
+
+# --- serve -------------------------------------------------------------------------------------------------
+
+
+@app.command(cls=Command)
+@friendly
+@engine_options
+def serve(
+    host: Annotated[str, Opt("--host", metavar="ADDR", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, Opt("--port", metavar="N", help="port to listen on")] = 8000,
+    api_key: Annotated[str | None, Opt("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' "
+                                       "(all endpoints but /health)", envvar="GLM45V_API_KEY")] = None,
+    served_model_name: Annotated[str | None, Opt("--served-model-name", metavar="NAME",
+                                                 help="the model name clients send (default: --model)")] = None,
+    max_waiting: Annotated[int | None, Opt("--max-waiting", metavar="N", help="past N waiting requests, answer "
+                                           "503 with Retry-After instead of queueing")] = None,
+    max_body_mb: Annotated[int, Opt("--max-body-mb", metavar="MB", help="largest request body")] = 64,
+    allowed_local_media_path: Annotated[Path | None, Opt("--allowed-local-media-path", metavar="DIR",
+                                                         help="image URLs may name local files under DIR")] = None,
+    allow_remote_media: Annotated[bool, Opt("--allow-remote-media", help="fetch http(s) image URLs (10 s, "
+                                            "32 MiB limits)")] = False,
+    shutdown_grace: Annotated[float, Opt("--shutdown-grace", metavar="S", help="on SIGTERM/Ctrl-C, seconds "
+                                         "running requests may finish before the rest are aborted")] = 30.0,
+    engine: EngineConfig = None,
+) -> None:
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    import uvicorn
+
+    from .server.app import ServeConfig, build_app
+    from .server.media import MediaPolicy
+
+    require(1 <= port <= 65535, f"--port {port}: expected 1..65535")
+    require(max_waiting is None or max_waiting >= 1, f"--max-waiting {max_waiting}: must be >= 1")
+    require(max_body_mb >= 1, f"--max-body-mb {max_body_mb}: must be >= 1")
+    require(allowed_local_media_path is None or allowed_local_media_path.is_dir(),
+            f"--allowed-local-media-path {allowed_local_media_path}: not a folder")
+    llm = _llm(engine)
+    config = ServeConfig(served_model_name or engine.model, api_key, max_waiting, max_body_mb * 2**20,
+                         MediaPolicy(allowed_local_media_path, allow_remote_media))
+    app = build_app(llm, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            """Stop accepting; running requests have the grace period, then end as aborted (streams still
+            close properly) a moment before uvicorn would cut their connections."""
+            if not self.should_exit:
+                timer = threading.Timer(max(0.0, shutdown_grace - 1.0), app.state.engine.abort_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    err.print(f"[dim]serving {config.model_name} on http://{host}:{port}/v1[/dim]")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled: a graceful stop exits 0
+        signal.signal(sig, lambda *_: None)
+    Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace,
+                          log_level="warning")).run()
+    llm.close()
 
 
 # --- info --------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""glm45v serve: an OpenAI-compatible HTTP server over one LLM (app, protocol, engine loop, media, metrics)."""

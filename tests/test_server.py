@@ -1,0 +1,311 @@
+"""glm45v serve with the official openai client, under load and disconnects, with bad requests, the API key,
+Prometheus metrics, and SIGTERM. The server runs in this process (a uvicorn thread) on 127.0.0.1 at a free
+port, except for the SIGTERM test, which runs the real command."""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from glm45v_npu import LLM, SamplingParams
+from glm45v_npu.distributed import free_port
+from glm45v_npu.sampling import Sampled
+from glm45v_npu.server.app import ServeConfig, build_app
+from glm45v_npu.server.media import MediaPolicy
+from glm45v_npu.tiny_random import TOKEN_IDS
+from tests.tiny import make_vl_checkpoint, random_image
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve")
+    make_vl_checkpoint(path, "gqa2-hd32-half-rope", seed=81)
+    return path
+
+
+class Server:
+    def __init__(self, llm, **config):
+        self.llm = llm
+        self.port = free_port()
+        self.app = build_app(llm, ServeConfig("glm45v-test", **config))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def idle(self, timeout=30.0) -> bool:
+        """Wait until the engine holds no request and every block is free."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.llm.stats()
+            if s.requests == 0 and s.free_blocks == s.num_blocks and not self.app.state.engine.queues:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    random_image(40, 30, 5).save(media / "ok.png")
+    srv = Server(LLM(ckpt, block_size=4, kv_cache_gib=0.004, max_num_seqs=16), api_key=KEY,
+                 media=MediaPolicy(allowed_local_path=media))
+    srv.media = media
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY)
+
+
+def _data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_with_a_base64_image_equals_llm_generate(client, server, ckpt):
+    image = random_image(70, 50, 1)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                                             {"type": "text", "text": "what is this?"}]}]
+    r = client.chat.completions.create(model="glm45v-test", messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and r.usage.completion_tokens == 8
+    direct = LLM(ckpt, block_size=4, kv_cache_gib=0.004).generate(
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": "what is this?"}]}]},
+        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert r.usage.prompt_tokens == len(direct.prompt_token_ids)
+    assert choice.message.content == direct.outputs[0].text  # greedy: token for token (the tiny model never thinks)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["glm45v-test"]
+    completion = client.completions.create(model="glm45v-test", prompt="Hello", max_tokens=5, temperature=0,
+                                           logprobs=2, extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 5 and len(completion.choices[0].logprobs.token_logprobs) == 5
+    again = client.chat.completions.create(model="glm45v-test", messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prefix cache served the repeated prompt
+
+
+class ScriptedSampler:
+    """Samples a fixed script (so the tiny model 'thinks'): <think>, reasoning, </think>, answer, a box, eos."""
+
+    def __init__(self, tokenizer):
+        t = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.script = ([TOKEN_IDS["<think>"]] + t("let me see") + [TOKEN_IDS["</think>"]] + t("It is ")
+                       + [TOKEN_IDS["<|begin_of_box|>"]] + t("42") + [TOKEN_IDS["<|end_of_box|>"]]
+                       + [TOKEN_IDS["<|endoftext|>"]])
+
+    def __call__(self, logits, params, generators, history, prompt_lens=None, suppress=None):
+        tokens = [self.script[min(len(h) - n, len(self.script) - 1)] for h, n in zip(history, prompt_lens)]
+        return Sampled(tokens, [-0.5] * len(tokens), [1] * len(tokens), [None] * len(tokens))
+
+
+def test_streaming_splits_reasoning_from_content(client, server, monkeypatch):
+    monkeypatch.setattr(server.llm.engine, "sampler", ScriptedSampler(server.llm.engine.processor.tokenizer))
+    stream = client.chat.completions.create(model="glm45v-test", messages=[{"role": "user", "content": "q"}],
+                                            max_tokens=40, stream=True, stream_options={"include_usage": True})
+    reasoning, content, finish, usage = "", "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert reasoning == "let me see" and content == "It is <|begin_of_box|>42<|end_of_box|>"
+    assert finish == "stop" and usage.completion_tokens == len(server.llm.engine.sampler.script)
+    whole = client.chat.completions.create(model="glm45v-test", messages=[{"role": "user", "content": "q"}],
+                                           max_tokens=40)
+    message = whole.choices[0].message
+    assert message.content == content and message.model_extra["reasoning_content"] == reasoning
+
+
+def test_a_hundred_streams_with_twenty_disconnects(server):
+    async def one(http, i):
+        body = {"model": "glm45v-test", "messages": [{"role": "user", "content": f"request {i}"}],
+                "max_tokens": 12, "temperature": 0.8, "seed": i, "stream": True, "ignore_eos": True}
+        chunks = 0
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    return "done", chunks
+                chunks += 1
+                if i % 5 == 0 and chunks == 3:  # 20 of 100 leave mid-stream
+                    return "left", chunks
+        return "cut", chunks
+
+    async def main():
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(100)))
+
+    results = asyncio.run(main())
+    assert sum(r == "left" for r, _ in results) == 20
+    assert sum(r == "done" for r, _ in results) == 80
+    assert server.idle(), server.llm.stats()  # every block free, no request state left
+
+
+BAD = [
+    ("malformed JSON", "/v1/chat/completions", b"{not json", 400, None),
+    ("body not an object", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("no messages", "/v1/chat/completions", {"max_tokens": 3}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, None),
+    ("temperature wrong type", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("negative max_tokens", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, 400, "max_tokens"),
+    ("top_p out of range", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_p": 7}, 400, "top_p"),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+     400, "model"),
+    ("undecodable image", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}, 400, None),
+    ("remote image while off", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400,
+     "messages[0].content[0].image_url"),
+    ("local file outside the allowed path", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 400, "messages[0].content[0].image_url"),
+    ("prompt + max_tokens over the context", "/v1/completions",
+     {"prompt": "hello", "max_tokens": 100000}, 400, None),
+    ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                       "tools": [{"type": "function"}]}, 400, "tools"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("prompt of the wrong type", "/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
+    ("token id outside the vocabulary", "/v1/completions", {"prompt": [5, 99999]}, 400, None),
+    ("body over the limit", "/v1/completions", b"x" * (65 * 2**20), 413, None),
+    ("unknown endpoint", "/v1/engines", {}, 404, None),
+]
+
+
+def test_bad_requests_get_their_status_and_an_openai_error_body(server, capsys):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    rows = []
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        for name, path, body, status, param in BAD:
+            r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+            data = r.json()
+            assert r.status_code == status, (name, r.status_code, data)
+            assert set(data["error"]) == {"message", "type", "param", "code"}, name
+            assert "Traceback" not in r.text and data["error"]["message"], name
+            if param is not None:
+                assert data["error"]["param"] == param, (name, data)
+            rows.append((name, status, data["error"]["message"][:70]))
+            ok = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})  # still serving
+            assert ok.status_code == 200, name
+        local = http.post("/v1/chat/completions", json={"max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(server.media / "ok.png")}}]}]})
+        assert local.status_code == 200  # under the allowed path it works
+    with capsys.disabled():
+        print(f"\n{len(rows)} kinds of bad request:")
+        for name, status, message in rows:
+            print(f"  {status} {name}: {message}")
+    assert len(rows) >= 12
+
+
+def test_api_key_on_every_endpoint_but_health(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions"),
+                             ("POST", "/v1/completions")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = http.request(method, path, headers=headers, json={})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+
+
+def test_metrics_parse_and_count_the_requests(ckpt):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv = Server(LLM(ckpt, block_size=4, kv_cache_gib=0.002))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for i in range(3):
+                r = http.post("/v1/completions", json={"prompt": f"p{i}", "max_tokens": 4, "ignore_eos": True})
+                assert r.status_code == 200
+            assert http.post("/v1/completions", json={"prompt": "p", "max_tokens": -1}).status_code == 400
+            text = http.get("/metrics").text
+    finally:
+        srv.stop()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert values[("glm45v_requests_total", (("status", "finished"),))] == 3
+    assert values[("glm45v_requests_total", (("status", "rejected_400"),))] == 1
+    assert values[("glm45v_generation_tokens_total", ())] == 12
+    assert values[("glm45v_time_to_first_token_seconds_count", ())] == 3
+    assert values[("glm45v_inter_token_latency_seconds_count", ())] == 9
+    assert ("glm45v_kv_cache_usage_ratio", ()) in values and ("glm45v_requests_running", ()) in values
+
+
+def test_sigterm_during_streaming_exits_cleanly(tmp_path):
+    env = dict(os.environ, GLM45V_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    port = free_port()
+    binary = Path(sys.executable).with_name("glm45v")
+    proc = subprocess.Popen([str(binary), "serve", "--port", str(port), "--shutdown-grace", "5"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # streaming has begun
+            start = time.time()
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]  # runs until the grace period ends
+        ended = time.time() - start
+        finish = [c["finish_reason"] for line in rest[:-1] for c in json.loads(line[6:])["choices"]]
+        assert rest[-1] == "data: [DONE]" and finish[-1] == "abort"  # the stream closed properly, as aborted
+        assert 3 < ended < 5 + 5
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_bench_through_the_server(server):
+    from glm45v_npu.bench import run_bench_http
+
+    r = run_bench_http(server.url, KEY, batch=6, input_len=8, output_len=5, images=1, size=(56, 56), concurrency=3,
+                       rate=50.0)
+    assert r["generated_tokens"] == 30 and r["prompt_tokens"] > 6 * 8
+    for key in ("ttft_p50_s", "itl_p50_s", "decode_tokens_per_s", "output_tokens_per_s"):
+        assert r[key] > 0, key
+    assert server.idle()
