@@ -120,6 +120,7 @@ def _chat(env, *args):
     return subprocess.run([str(BIN), "chat", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_ollama_style_positional_chat(env, tmp_path):
     image = tmp_path / "cat.png"
     random_image(50, 40, 9).save(image)
@@ -129,6 +130,7 @@ def test_ollama_style_positional_chat(env, tmp_path):
     assert json.loads(a.stdout) == json.loads(b.stdout)
 
 
+@pytest.mark.slow
 def test_renamed_flags_and_their_old_forms(env):
     new = _chat(env, "-p", "hi", "--json", "--max-tokens", 3, "--temperature", 0, "--enable-expert-parallel",
                 "--no-think", "--max-model-len", 256, "--max-num-seqs", 4, "--enforce-eager")

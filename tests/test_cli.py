@@ -164,7 +164,8 @@ def _check_metrics(m):
     (["chat", "-p", "x", "--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
     (["chat", "-p", "x", "--block-size", "0"], "--block-size 0: must be in 1..1024"),
     (["chat", "-p", "x", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5: must be in (0, 1]"),
-    (["chat", "-p", "x", "--image", "{thin}/thin.png"], "thin.png: the image processor refuses it"),
+    pytest.param(["chat", "-p", "x", "--image", "{thin}/thin.png"], "thin.png: the image processor refuses it",
+                 marks=pytest.mark.slow),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(env, images, thin_folder, tmp_path, args, message):
     (tmp_path / "empty").mkdir()

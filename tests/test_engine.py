@@ -283,7 +283,8 @@ def text_plain(tmp_path_factory):
     return path, make_text_checkpoint(path, "no-qk-norm", seed=13)
 
 
-@pytest.mark.parametrize("which", ["vl", pytest.param("text_qk", marks=pytest.mark.slow),
+@pytest.mark.parametrize("which", [pytest.param("vl", marks=pytest.mark.slow),
+                                   pytest.param("text_qk", marks=pytest.mark.slow),
                                    pytest.param("text_plain", marks=pytest.mark.slow)])
 def test_greedy_parity_with_fused_decode_kernels(request, triton_kernels, which):
     path, ref = request.getfixturevalue(which)

@@ -266,6 +266,7 @@ def test_metrics_parse_and_count_the_requests(ckpt):
     assert ("glm45v_kv_cache_usage_ratio", ()) in values and ("glm45v_requests_running", ()) in values
 
 
+@pytest.mark.slow
 def test_sigterm_during_streaming_exits_cleanly(tmp_path):
     env = dict(os.environ, GLM45V_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     port = free_port()
