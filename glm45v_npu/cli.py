@@ -26,13 +26,17 @@ from .errors import FieldError, Glm45vError
 
 
 class _NoTypeTags:
-    """Help without a type column entry for --help itself (our own options carry metavars)."""
+    """Help without type tags (`<bool>`) on the options typer adds itself: --help and shell completion (our own
+    options carry metavars)."""
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+            elif param.param_type_name == "argument":  # its metavar already says what it takes
+                param.display_type_rich = lambda ctx: None
+        return params
 
 
 class Command(_NoTypeTags, TyperCommand):

@@ -60,11 +60,14 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2) ->
 
 @torch.inference_mode()
 def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: torch.device, steps: int = 20,
-                  block_size: int = 16) -> float:
+                  block_size: int = 16, graphs: bool = False) -> float:
     """One decode step of `batch` sequences at `context` tokens, through the runner (the path every engine step
-    takes: step context built from host lists, embed, layers, logits), median of `steps`."""
+    takes: step inputs from host lists, embed, layers, logits; with `graphs`, the captured decode graph of the
+    batch's bucket), median of `steps`."""
     blocks_per_seq = -(-(context + 1) // block_size)
     runner = ModelRunner(model, batch * blocks_per_seq + 1, block_size, device, next(model.parameters()).dtype)
+    if graphs:
+        runner.enable_decode_graphs(batch, blocks_per_seq * block_size, capture=device.type != "cpu")
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
     ids = torch.randint(0, cfg.text.vocab_size, (batch,)).tolist()
     inputs = StepInputs(ids, torch.full((3, batch), context), [1] * batch, [context + 1] * batch, tables,
@@ -102,6 +105,8 @@ def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, 
 
     config = AutoConfig.from_pretrained(cfg_path)
     config.text_config.num_hidden_layers = num_layers
+    for c in (config, config.text_config, config.vision_config):
+        c.dtype = dtype
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -120,13 +125,14 @@ def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, 
     def step():
         model(input_ids=token, past_key_values=cache, position_ids=position,
               mm_token_type_ids=torch.zeros_like(token, dtype=torch.int), use_cache=True).logits.argmax(-1)
-        cache.crop(context)
+        cache.crop(-1)  # drop the token just added: every step decodes at the same context
 
     return _timed(step, device, steps, warmup=2)
 
 
 def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, ...] = (1, 32), context: int = 512,
-             device: str | None = None, dtype: str | None = "bfloat16", compare_transformers: bool = True) -> dict:
+             device: str | None = None, dtype: str | None = "bfloat16", compare_transformers: bool = True,
+             graphs: tuple[bool, ...] = (False, True)) -> dict:
     dev = platform.pick_device(device)
     dt = platform.pick_dtype(dtype, dev)
     cfg = with_num_layers(load_config(resolve_model(model)[0]), num_layers)
@@ -135,20 +141,20 @@ def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, .
     bandwidth = copy_bandwidth(dev)
     rows = []
     for batch in batches:
-        step = our_step_time(ours, cfg, batch, context, dev)
-        floor_bytes = step_bytes(cfg, batch, context, dt.itemsize)["total"]
-        row = {"batch": batch, "step_s": step, "floor_bytes": floor_bytes, "floor_s": floor_bytes / bandwidth,
-               "ratio_to_floor": step / (floor_bytes / bandwidth)}
-        rows.append(row)
+        for graph in graphs:
+            step = our_step_time(ours, cfg, batch, context, dev, graphs=graph)
+            floor_bytes = step_bytes(cfg, batch, context, dt.itemsize)["total"]
+            rows.append({"batch": batch, "graphs": graph, "step_s": step, "floor_bytes": floor_bytes,
+                         "floor_s": floor_bytes / bandwidth, "ratio_to_floor": step / (floor_bytes / bandwidth)})
     del ours
     if dev.type != "cpu":
         platform.device_module(dev).empty_cache()
     if compare_transformers:
         path, _ = resolve_model(model)
+        hf = {b: transformers_step_time(path, num_layers, b, context, dev, dt) for b in batches}
         for row in rows:
-            hf = transformers_step_time(path, num_layers, row["batch"], context, dev, dt)
-            row["transformers_step_s"] = hf
-            row["speedup_vs_transformers"] = hf / row["step_s"]
+            row["transformers_step_s"] = hf[row["batch"]]
+            row["speedup_vs_transformers"] = hf[row["batch"]] / row["step_s"]
     return {"model": model, "num_layers": num_layers, "context": context, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
             "dtype": str(dt).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
@@ -161,11 +167,11 @@ def table(result: dict):
     t = Table(title=f"decode roofline: {result['model']}, {result['num_layers']} layers, context {result['context']},"
               f" {result['device_name']} {result['dtype']}, copy bandwidth "
               f"{result['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
-    for col in ("batch", "step", "floor", "step / floor", "transformers step", "speed-up"):
+    for col in ("batch", "graphs", "step", "floor", "step / floor", "transformers step", "speed-up"):
         t.add_column(col, justify="right")
     for r in result["rows"]:
         hf = r.get("transformers_step_s")
-        t.add_row(str(r["batch"]), f"{r['step_s'] * 1e3:.2f} ms", f"{r['floor_s'] * 1e3:.2f} ms",
+        t.add_row(str(r["batch"]), "on" if r.get("graphs") else "off", f"{r['step_s'] * 1e3:.2f} ms", f"{r['floor_s'] * 1e3:.2f} ms",
                   f"{r['ratio_to_floor']:.2f}x", f"{hf * 1e3:.1f} ms" if hf else "-",
                   f"{r['speedup_vs_transformers']:.1f}x" if hf else "-")
     return t
