@@ -24,8 +24,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int) -> list[dict]:
+def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int, videos: int = 0,
+              video_seconds: float = 2.0, folder: str | None = None) -> list[dict]:
     from PIL import Image
+
+    from .video import write_test_video
 
     rng = random.Random(seed)
     cfg = llm.model_config
@@ -40,7 +43,12 @@ def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int
             g = torch.Generator().manual_seed(seed * 1000 + i * 10 + k)
             pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             pics.append(Image.fromarray(pixels))
-        out.append({"prompt_token_ids": ids, "images": pics})
+        clips = []
+        for k in range(videos):
+            ids.insert(images + k, llm.model_config.video_token_id)
+            clips.append(str(write_test_video(f"{folder}/{seed}-{i}-{k}.mp4", video_seconds, size=size,
+                                              seed=seed * 1000 + i * 10 + k)))
+        out.append({"prompt_token_ids": ids, "images": pics, "videos": clips})
     return out
 
 
@@ -51,11 +59,15 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, size: tuple[int, int]) -> dict:
+def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, size: tuple[int, int],
+              videos: int = 0, video_seconds: float = 2.0) -> dict:
+    import tempfile
+
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    llm.generate(_requests(llm, 1, min(input_len, 16), images, size, seed=1),
+    folder = tempfile.mkdtemp(prefix="glm45v-bench-")
+    llm.generate(_requests(llm, 1, min(input_len, 16), images, size, 1, videos, video_seconds, folder),
                  SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    requests = _requests(llm, batch, input_len, images, size, seed=0)
+    requests = _requests(llm, batch, input_len, images, size, 0, videos, video_seconds, folder)
     platform.reset_peak_memory(llm.device)
     platform.synchronize(llm.device)
     before = llm.stats()
@@ -76,6 +88,7 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     return {
         "model": llm.model_config.source, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
         "batch": batch, "input_len": input_len, "output_len": output_len, "images_per_request": images,
+        "videos_per_request": videos,
         **latency_summary(times, prompt_tokens, total),
         "peak_memory_bytes": peak, "peak_memory_is_process_rss": llm.device.type == "cpu",
         "kv_cache_blocks": stats.num_blocks, "kv_cache_tokens": stats.num_blocks * stats.block_size,
@@ -181,7 +194,8 @@ def run_bench_http(url: str, api_key: str | None, batch: int, input_len: int, ou
 
 def table(r: dict) -> Table:
     t = Table(title=f"glm45v bench: batch {r['batch']}, {r['input_len']} in / {r['output_len']} out, "
-              f"{r['images_per_request']} image(s) per request, {r['device']} {r['dtype']}")
+              f"{r['images_per_request']} image(s) and {r.get('videos_per_request', 0)} video(s) per request, "
+              f"{r['device']} {r['dtype']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731

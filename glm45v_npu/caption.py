@@ -16,19 +16,21 @@ from rich.table import Table
 
 from .answer import parse_answer
 from .errors import Glm45vError
+from .video import VIDEO_SUFFIXES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_FILE_BYTES = 64 * 2**20
 
 
 def collect_inputs(inputs: list[str], recursive: bool) -> list[str]:
-    """Files, folders, globs and .txt lists of paths -> image paths, in order, without repeats."""
+    """Files, folders, globs and .txt lists of paths -> image and video paths, in order, without repeats."""
     found: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += sorted(str(f) for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(str(f) for f in p.glob(pattern)
+                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
         elif p.is_file() and p.suffix.lower() == ".txt":
             found += [line.strip() for line in p.read_text().splitlines() if line.strip()]
         elif p.is_file():
@@ -52,15 +54,20 @@ def _done_paths(out: Path) -> set[str]:
     return done
 
 
+def media_kind(path: str) -> str:
+    return "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
+
+
 def _check_file(path: str) -> None:
-    p = Path(path)
+    p, kind = Path(path), media_kind(path)
     if not p.is_file():
-        raise Glm45vError(f"image {path}: no such file")
+        raise Glm45vError(f"{kind} {path}: no such file")
     size = p.stat().st_size
     if size == 0:
-        raise Glm45vError(f"image {path}: empty file")
-    if size > MAX_FILE_BYTES:
-        raise Glm45vError(f"image {path}: {size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES // 2**20} MiB limit")
+        raise Glm45vError(f"{kind} {path}: empty file")
+    limit = MAX_FILE_BYTES * (16 if kind == "video" else 1)
+    if size > limit:
+        raise Glm45vError(f"{kind} {path}: {size / 2**20:.0f} MiB is over the {limit // 2**20} MiB limit")
 
 
 def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: int, overwrite: bool,
@@ -102,7 +109,8 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
                     path = queue.popleft()
                     try:
                         _check_file(path)
-                        message = {"role": "user", "content": [{"type": "image", "image": path},
+                        kind = media_kind(path)
+                        message = {"role": "user", "content": [{"type": kind, kind: path},
                                                                {"type": "text", "text": prompt}]}
                         rid = llm.add_request({"messages": [*system, message]}, params, enable_thinking=thinking)
                         in_flight[rid] = (path, time.perf_counter())

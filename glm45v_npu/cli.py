@@ -237,7 +237,8 @@ def main_options(
 
 # --- chat --------------------------------------------------------------------------------------------------
 
-CHAT_HELP = "/image PATH attaches an image to the next turn; /reset clears the history; /exit quits; /help"
+CHAT_HELP = ("/image PATH or /video PATH attaches it to the next turn; /reset clears the history; /exit quits; "
+             "/help")
 
 
 @app.command(cls=Command)
@@ -250,6 +251,8 @@ def chat(
                                                       "image paths")] = None,
     image: Annotated[list[Path] | None, Opt("--image", "-i", metavar="PATH", help="image for the first turn "
                                             "(repeatable)")] = None,
+    video: Annotated[list[Path] | None, Opt("--video", metavar="PATH", help="video for the first turn "
+                                            "(repeatable)")] = None,
     prompt: Annotated[str | None, Opt("--prompt", "-p", metavar="TEXT", help="one turn, no prompt loop")] = None,
     system_prompt: Annotated[str | None, Opt("--system-prompt", metavar="TEXT", help="system message")] = None,
     think: Annotated[bool | None, Opt("--think/--no-think", help="reason before answering (default: the chat "
@@ -259,18 +262,22 @@ def chat(
     sampling: dict = None,
 ) -> None:
     """Chat with images, streaming the answer."""
+    from .caption import media_kind
+
     words = list(words or [])
     require(not (words and prompt is not None), "give the prompt either as --prompt or as an argument, not both")
     if words:
         prompt = words[0]
-        image = [*(image or []), *map(Path, words[1:])]
-    pending = [_checked_image(p) for p in image or []]  # fail on a bad image before loading the model
+        image = [*(image or []), *(Path(w) for w in words[1:] if media_kind(w) == "image")]
+        video = [*(video or []), *(Path(w) for w in words[1:] if media_kind(w) == "video")]
+    # fail on a bad file before loading the model
+    pending = [_checked("image", p) for p in image or []] + [_checked("video", p) for p in video or []]
     llm = _llm(engine)
     params = llm.engine.default_sampling_params(**sampling)
     history: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def turn(text: str) -> dict:
-        content = [{"type": "image", "image": im} for im in pending] + [{"type": "text", "text": text}]
+        content = [{"type": kind, kind: path} for kind, path in pending] + [{"type": "text", "text": text}]
         history.append({"role": "user", "content": content})
         result = _stream_turn(llm, history, params, think, quiet=as_json, one_shot=prompt is not None)
         history.append({"role": "assistant", "content": result["answer"]})
@@ -302,10 +309,10 @@ def chat(
             del history[1 if system_prompt else 0 :]
             pending.clear()
             err.print("[dim]history cleared[/dim]")
-        elif line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        elif line.startswith(("/image", "/video")):
+            kind, path = line[1:6], line[6:].strip()
             try:
-                pending.append(_checked_image(path))
+                pending.append(_checked(kind, path))
                 err.print(f"[dim]attached {path} to the next turn[/dim]")
             except Glm45vError as e:
                 err.print(f"[red]error:[/red] {e}")
@@ -322,12 +329,18 @@ def chat(
                 print(json.dumps(result, ensure_ascii=False))
 
 
-def _checked_image(path) -> str:
-    """The path, once it opens as an image (the request carries the path, so later errors name it too)."""
-    from .processor import open_image
+def _checked(kind: str, path) -> tuple[str, str]:
+    """(kind, path), once the file opens as an image or a video (the request carries the path, so later errors
+    name it too)."""
+    if kind == "image":
+        from .processor import open_image
 
-    open_image(str(path))
-    return str(path)
+        open_image(str(path))
+    else:
+        from .video import check_video
+
+        check_video(str(path))
+    return kind, str(path)
 
 
 def _stream_turn(llm, messages, params, thinking, quiet: bool, one_shot: bool) -> dict:
@@ -385,7 +398,10 @@ def bench(
     input_len: Annotated[int, Opt("--input-len", metavar="N", help="prompt tokens per request")] = 128,
     output_len: Annotated[int, Opt("--output-len", metavar="N", help="generated tokens per request")] = 64,
     images: Annotated[int, Opt("--images", metavar="N", help="images per request")] = 0,
-    image_size: Annotated[str, Opt("--image-size", metavar="WxH", help="size of each image")] = "448x448",
+    image_size: Annotated[str, Opt("--image-size", metavar="WxH", help="size of each image (and video frame)")] = (
+        "448x448"),
+    videos: Annotated[int, Opt("--videos", metavar="N", help="videos per request (moving shapes, made locally)")] = 0,
+    video_seconds: Annotated[float, Opt("--video-seconds", metavar="S", help="length of each video")] = 2.0,
     as_json: Annotated[bool, Opt("--json", help="print JSON instead of a table")] = False,
     roofline: Annotated[bool, Opt("--roofline", help="decode step at batch 1 and --batch vs its byte floor and "
                                   "vs transformers (dummy weights, --num-layers, default 4)")] = False,
@@ -425,9 +441,11 @@ def bench(
         return
     require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
     require(images >= 0, f"--images {images}: must be >= 0")
+    require(videos >= 0, f"--videos {videos}: must be >= 0")
+    require(video_seconds > 0, f"--video-seconds {video_seconds}: must be > 0")
     size = parse_size(image_size)
     llm = _llm(replace(engine, max_num_seqs=max(batch, engine.max_num_seqs)))
-    result = run_bench(llm, batch, input_len, output_len, images, size)
+    result = run_bench(llm, batch, input_len, output_len, images, size, videos, video_seconds)
     if as_json:
         print(json.dumps(result))
     else:

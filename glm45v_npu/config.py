@@ -95,6 +95,9 @@ class ModelConfig:
     image_token_id: int | None
     image_start_token_id: int | None
     image_end_token_id: int | None
+    video_token_id: int | None
+    video_start_token_id: int | None
+    video_end_token_id: int | None
     torch_dtype: str | None
     source: str
 
@@ -143,7 +146,8 @@ _VISION_DEFAULTS: dict[str, Any] = dict(
     out_hidden_size=4096,
     intermediate_size=13696,
 )
-_TOKEN_DEFAULTS = dict(image_token_id=151363, image_start_token_id=151339, image_end_token_id=151340)
+_TOKEN_DEFAULTS = dict(image_token_id=151363, image_start_token_id=151339, image_end_token_id=151340,
+                       video_token_id=151364, video_start_token_id=151341, video_end_token_id=151342)
 
 
 class _Fields:

@@ -12,7 +12,7 @@ from .config import builtin_config
 from .errors import Glm45vError
 
 TINY_RANDOM = "tiny-random"
-_TINY_VERSION = "v2"  # bump when the tiny model changes, so stale caches are not reused
+_TINY_VERSION = "v3"  # bump when the tiny model changes, so stale caches are not reused
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
 
 

@@ -1,7 +1,8 @@
 """Prompt-side preprocessing: requests -> token ids, pixel patches and grids, M-RoPE positions and decode delta.
 
 A request is a str (a raw prompt, as vLLM's generate takes it) or a dict with exactly one of `prompt`,
-`prompt_token_ids` or `messages`, and optionally `images` or vLLM's `multi_modal_data` ({"image": ...}).
+`prompt_token_ids` or `messages`, and optionally `images` / `videos` or vLLM's `multi_modal_data` ({"image": ...,
+"video": ...}). In messages, images and videos are content parts.
 Every mistake in it is a Glm45vError that names the field, message, part or image at fault.
 """
 
@@ -23,7 +24,8 @@ from .config import ModelConfig
 from .engine.sequence import ImageSpan
 from .errors import Glm45vError
 
-REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "multi_modal_data", "chat_template_kwargs"}
+REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "videos", "multi_modal_data",
+                "chat_template_kwargs"}
 ROLES = ("system", "user", "assistant", "observation", "tool")
 
 
@@ -184,6 +186,12 @@ class Processor:
         self.image_processor = (_load_image_processor(Path(path), max_pixels, image_kwargs or {})
                                 if cfg.is_multimodal else None)
         self.max_images = (limits or {}).get("image")
+        self.max_videos = (limits or {}).get("video")
+        self.video_cfg = None
+        if cfg.is_multimodal:
+            from .video import load_video_config
+
+            self.video_cfg = load_video_config(Path(path))
         self.merge = cfg.vision.spatial_merge_size if cfg.vision else 1
         self.eos_token_ids = checkpoint_eos_ids(Path(path), cfg, self.tokenizer)
 
@@ -207,15 +215,15 @@ class Processor:
         if len(forms) != 1:
             raise Glm45vError("request: needs exactly one of 'prompt', 'prompt_token_ids' or 'messages'"
                               + (f", got {' and '.join(forms)}" if forms else ""))
-        images = _request_images(request)
+        images, videos = _request_media(request)
         form = forms[0]
         if form != "prompt_token_ids" and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: this model has no tokenizer; pass prompt_token_ids")
         text = None
         if form == "messages":
-            if images:
-                raise Glm45vError("request: with 'messages', put images in the messages' content parts")
-            messages, images = _split_images(request["messages"])
+            if images or videos:
+                raise Glm45vError("request: with 'messages', put images and videos in the messages' content parts")
+            messages, images, videos = _split_media(request["messages"])
             kwargs = dict(request.get("chat_template_kwargs") or {})
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
@@ -242,63 +250,94 @@ class Processor:
             ids = list(ids)
         if not ids:
             raise Glm45vError("request: the prompt is empty")
-        enc = self.expand(ids, images)
+        enc = self.expand(ids, images, videos)
         enc.prompt = text
         return enc
 
-    def expand(self, ids: list[int], images: list) -> EncodedPrompt:
-        """Each single image placeholder becomes that image's token run; positions follow."""
-        image_id = self.cfg.image_token_id
-        placeholders = [i for i, t in enumerate(ids) if t == image_id]
-        if len(placeholders) != len(images):
-            raise Glm45vError(f"the prompt has {len(placeholders)} image placeholder(s) but {len(images)} image(s)")
-        if images and self.image_processor is None:
-            raise Glm45vError(f"{self.cfg.source}: this is a text-only checkpoint; it cannot take images")
+    def expand(self, ids: list[int], images: list, videos: list = ()) -> EncodedPrompt:
+        """Each single image placeholder becomes that image's token run; each video placeholder becomes, per
+        pair of sampled frames, an image run and its timestamp text. Positions follow."""
+        image_id, video_id = self.cfg.image_token_id, self.cfg.video_token_id
+        image_at = [i for i, t in enumerate(ids) if t == image_id]
+        video_at = [i for i, t in enumerate(ids) if t == video_id] if video_id is not None else []
+        if len(image_at) != len(images):
+            raise Glm45vError(f"the prompt has {len(image_at)} image placeholder(s) but {len(images)} image(s)")
+        if len(video_at) != len(videos):
+            raise Glm45vError(f"the prompt has {len(video_at)} video placeholder(s) but {len(videos)} video(s)")
+        if (images or videos) and self.image_processor is None:
+            raise Glm45vError(f"{self.cfg.source}: this is a text-only checkpoint; it cannot take images or videos")
         if self.max_images is not None and len(images) > self.max_images:
             raise Glm45vError(f"the request has {len(images)} images; limit_mm_per_prompt allows {self.max_images}")
+        if self.max_videos is not None and len(videos) > self.max_videos:
+            raise Glm45vError(f"the request has {len(videos)} videos; limit_mm_per_prompt allows {self.max_videos}")
+        if videos and self.tokenizer is None:
+            raise Glm45vError(f"{self.cfg.source}: videos need the checkpoint's tokenizer (for frame timestamps)")
         names = [describe_image(im, k) for k, im in enumerate(images)]
         opened = [open_image(im, name) for im, name in zip(images, names)]
         pixels, grids = preprocess_images(opened, self.image_processor, names) if opened else (None, [])
-        out, spans, patch = [], [], 0
-        prev = 0
-        for k, where in enumerate(placeholders):
-            out.extend(ids[prev:where])
-            n = num_image_tokens(grids[k], self.merge)
-            count = grids[k][0] * grids[k][1] * grids[k][2]
-            px = pixels[patch : patch + count]
-            patch += count
-            digest = hashlib.sha256(px.numpy().tobytes() + str(grids[k]).encode()).digest()
-            spans.append(ImageSpan(len(out), len(out) + n, digest, px, grids[k]))
+        image_parts = list(zip(pixels.split([t * h * w for t, h, w in grids]), grids)) if grids else []
+        read = [self._video(v, k) for k, v in enumerate(videos)]
+        out, spans, all_grids, prev = [], [], [], 0
+        pending_images, pending_videos = iter(image_parts), iter(read)
+
+        def run(px: torch.Tensor, grid: tuple[int, int, int]) -> None:
+            n = num_image_tokens(grid, self.merge)
+            digest = hashlib.sha256(px.numpy().tobytes() + str(grid).encode()).digest()
+            spans.append(ImageSpan(len(out), len(out) + n, digest, px, grid))
+            all_grids.append(grid)
             out.extend([image_id] * n)
+
+        for where in sorted(image_at + video_at):
+            out.extend(ids[prev:where])
+            if ids[where] == image_id:
+                run(*next(pending_images))
+            else:
+                video = next(pending_videos)
+                for k, (px, grid) in enumerate(video.frames()):
+                    out.append(self.cfg.image_start_token_id)
+                    run(px, grid)
+                    out.append(self.cfg.image_end_token_id)
+                    out.extend(self.tokenizer.encode(video.timestamp_text(self.video_cfg.variant, k),
+                                                     add_special_tokens=False))
             prev = where + 1
         out.extend(ids[prev:])
-        positions, delta = mrope_positions(out, image_id, grids, self.merge)
+        positions, delta = mrope_positions(out, image_id, all_grids, self.merge)
         return EncodedPrompt(out, spans, positions, delta)
 
+    def _video(self, source, index: int):
+        from .video import read_video
 
-def _request_images(request: dict) -> list:
-    images = request.get("images")
+        name = f"video {source}" if isinstance(source, (str, Path)) and not str(source).startswith("data:") else (
+            f"video {index + 1} of the request")
+        return read_video(source, self.video_cfg, name)
+
+
+def _request_media(request: dict) -> tuple[list, list]:
+    """(images, videos) given as 'images' / 'videos' or as vLLM's multi_modal_data."""
+    images, videos = request.get("images"), request.get("videos")
     mm = request.get("multi_modal_data")
-    if images is not None and mm is not None:
-        raise Glm45vError("request: pass images either as 'images' or as 'multi_modal_data', not both")
     if mm is not None:
+        if images is not None or videos is not None:
+            raise Glm45vError("request: pass media either as 'images'/'videos' or as 'multi_modal_data', not both")
         if not isinstance(mm, dict):
             raise Glm45vError("request: 'multi_modal_data' must be a dict such as {'image': [...]}")
-        unknown = sorted(set(mm) - {"image"})
+        unknown = sorted(set(mm) - {"image", "video"})
         if unknown:
             raise Glm45vError(f"request: multi_modal_data kind(s) {', '.join(map(repr, unknown))} are not "
-                              "supported (only 'image')")
-        images = mm.get("image")
-    if images is None:
-        return []
-    return list(images) if isinstance(images, (list, tuple)) else [images]
+                              "supported (only 'image' and 'video')")
+        images, videos = mm.get("image"), mm.get("video")
+
+    def listed(x) -> list:
+        return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+    return listed(images), listed(videos)
 
 
-def _split_images(messages: Any) -> tuple[list, list]:
-    """OpenAI-style messages -> messages with bare image parts (for the template) and the images in order."""
+def _split_media(messages: Any) -> tuple[list, list, list]:
+    """OpenAI-style messages -> messages with bare media parts (for the template), the images and the videos."""
     if not isinstance(messages, list) or not messages:
         raise Glm45vError("messages: expected a non-empty list of {'role', 'content'} objects")
-    images, out = [], []
+    images, videos, out = [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise Glm45vError(f"messages[{i}]: expected an object with 'role' and 'content'")
@@ -324,14 +363,23 @@ def _split_images(messages: Any) -> tuple[list, list]:
                     raise Glm45vError(f"{where}: image part without an image")
                 images.append(src)
                 parts.append({"type": "image"})
+            elif kind in ("video", "video_url"):
+                src = part.get("video") or part.get("path") or part.get("url") or part.get("video_url")
+                if isinstance(src, dict):
+                    src = src.get("url")
+                if src is None:
+                    raise Glm45vError(f"{where}: video part without a video")
+                videos.append(src)
+                parts.append({"type": "video"})
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise Glm45vError(f"{where}.text: expected a string")
                 parts.append(part)
             else:
-                raise Glm45vError(f"{where}.type: {kind!r} is not supported (text, image or image_url)")
+                raise Glm45vError(f"{where}.type: {kind!r} is not supported (text, image, image_url, video or "
+                                  "video_url)")
         out.append({**m, "content": parts})
-    return out, images
+    return out, images, videos
 
 
 def image_processor_class():

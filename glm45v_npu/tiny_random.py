@@ -6,6 +6,7 @@ one, so every command and test runs on a fresh machine with no download. Its ans
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ CHAT_TEMPLATE = (
     "{%- if m.content is string -%}{{ m.content }}"
     "{%- else -%}{%- for part in m.content -%}"
     "{%- if part.type == 'image' or part.type == 'image_url' -%}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
+    "{%- elif part.type == 'video' or part.type == 'video_url' -%}{{ '<|begin_of_video|><|video|><|end_of_video|>' }}"
     "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '/nothink' if (enable_thinking is defined and not enable_thinking) else '' -}}"
@@ -64,6 +66,12 @@ def _quiet() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+# Small frames for tests: a few frames of up to 56x56 (the real GLM-4.5V allows 28*28*2*30000 pixels in all).
+VIDEO_PROCESSOR = {"video_processor_type": "Glm4vVideoProcessor", "fps": 2, "max_duration": 300,
+                   "size": {"shortest_edge": 28 * 28 * 2, "longest_edge": 28 * 28 * 2 * 16}, "patch_size": 14,
+                   "temporal_patch_size": 2, "merge_size": 2}
 
 
 def save_tokenizer(path: Path) -> None:
@@ -134,6 +142,7 @@ def write_vl_checkpoint(path: Path, text: dict | None = None, seed: int = 0, max
     with _quiet():
         model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     image_processor().save_pretrained(path)
+    (path / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR))
     save_tokenizer(path)
     return model
 

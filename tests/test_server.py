@@ -310,3 +310,14 @@ def test_bench_through_the_server(server):
     for key in ("ttft_p50_s", "itl_p50_s", "decode_tokens_per_s", "output_tokens_per_s"):
         assert r[key] > 0, key
     assert server.idle()
+
+
+def test_chat_with_a_video_url(client, tmp_path):
+    from glm45v_npu.video import write_test_video
+
+    clip = write_test_video(tmp_path / "clip.mp4", 1.0, size=(64, 48))
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    r = client.chat.completions.create(model="glm45v-test", max_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                     {"type": "text", "text": "what moves?"}]}])
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 20

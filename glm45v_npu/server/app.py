@@ -245,22 +245,24 @@ def _param(loc: tuple) -> str:
 
 
 async def _resolve_media(messages: list[dict], policy: MediaPolicy) -> list[dict]:
-    """image_url parts -> image parts whose source the processor may read (see media.py)."""
+    """image_url and video_url parts -> image and video parts whose source the processor may read (media.py)."""
     out = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
-                if isinstance(part, dict) and part.get("type") == "image_url":
-                    url = part.get("image_url")
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image_url", "video_url"):
+                    url = part.get(kind)
                     url = url.get("url") if isinstance(url, dict) else url
-                    where = f"messages[{i}].content[{j}].image_url"
+                    where = f"messages[{i}].content[{j}].{kind}"
                     try:
                         source = await resolve_url(url, policy, where)
                     except FieldError as e:
                         raise ApiError(400, str(e), param=e.field) from None
-                    parts.append({"type": "image", "image": source})
+                    media = kind.removesuffix("_url")
+                    parts.append({"type": media, media: source})
                 else:
                     parts.append(part)
             m = {**m, "content": parts}
