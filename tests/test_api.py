@@ -141,3 +141,19 @@ def test_renamed_flags_and_their_old_forms(env):
     assert tp.returncode == 0, tp.stderr  # the old flag of 0.1 still parses
     too_long = _chat(env, "-p", "hi", "--max-tokens", 300, "--max-model-len", 64)
     assert too_long.returncode == 2 and "exceeds the model's context of 64 tokens" in too_long.stderr
+
+
+@pytest.mark.slow
+def test_chat_with_videos(env, tmp_path):
+    from glm45v_npu.video import write_test_video
+
+    clip = write_test_video(tmp_path / "clip.mp4", 1.5, size=(64, 48))
+    a = _chat(env, "--video", clip, "-p", "what moves?", "--json", "--max-tokens", 3, "--temperature", 0)
+    b = _chat(env, "what moves?", clip, "--json", "--max-tokens", 3, "--temperature", 0)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout) == json.loads(b.stdout) and json.loads(a.stdout)["prompt_tokens"] > 20
+    script = f"/video {clip}\nwhat moves?\n/video {tmp_path / 'missing.mp4'}\n/exit\n"
+    r = subprocess.run([str(BIN), "chat", "--max-tokens", "3", "--temperature", "0", "--json"], env=env, input=script,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "attached" in r.stderr and "missing.mp4: no such file" in r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["prompt_tokens"] == json.loads(a.stdout)["prompt_tokens"]
