@@ -157,3 +157,12 @@ def test_chat_with_videos(env, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "attached" in r.stderr and "missing.mp4: no such file" in r.stderr
     assert json.loads(r.stdout.splitlines()[0])["prompt_tokens"] == json.loads(a.stdout)["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_log_level_shows_the_kv_budget(env):
+    r = subprocess.run([str(BIN), "--log-level", "info", "chat", "-p", "hi", "--max-tokens", "1"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "KV cache" in r.stderr, r.stderr
+    bad = subprocess.run([str(BIN), "--log-level", "loud", "info"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--log-level loud" in bad.stderr

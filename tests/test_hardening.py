@@ -309,3 +309,24 @@ def test_prefill_query_offsets_are_64_bit():
     out = torch.zeros(4, dtype=torch.int64)
     _probe_row_offset[(1,)](rows, out, WIDTH=96 * 128)
     assert out.tolist() == [r * 96 * 128 for r in rows.tolist()]
+
+
+def test_info_on_a_hub_id_fetches_config_files_only(monkeypatch, tmp_path):
+    import shutil
+
+    import huggingface_hub
+
+    from glm45v_npu.config import builtin_config
+    from glm45v_npu.info import render_info
+
+    asked = {}
+
+    def snapshot(repo, revision=None, cache_dir=None, allow_patterns=None):
+        asked.update(repo=repo, patterns=allow_patterns)
+        shutil.copy(builtin_config("glm-4.5v"), tmp_path / "config.json")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    render_info("zai-org/GLM-4.5V", "cpu")
+    assert asked["repo"] == "zai-org/GLM-4.5V"
+    assert all(p.endswith(".json") for p in asked["patterns"]) and not any("safetensors" in p for p in asked["patterns"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -49,8 +48,6 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    arrival: float = field(default_factory=time.perf_counter)
-    token_times: list[float] = field(default_factory=list)
 
     @property
     def output_ids(self) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -153,9 +153,6 @@ def completion_logprobs(c: CompletionOutput, text_offset: int = 0) -> dict | Non
         offsets.append(at)
         at += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-FinishReason = Literal["stop", "length", "abort"]
 
 
 def created() -> int:
