@@ -17,13 +17,16 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
-        _, self.num_heads = layout.even(cfg.num_attention_heads, "num_attention_heads", source)
-        _, self.num_kv_heads = layout.kv_heads(cfg.num_key_value_heads, source)
-        self.head_dim = cfg.head_dim
-        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        q0, self.num_heads = layout.even(cfg.num_attention_heads, "num_attention_heads", source)
+        k0, self.num_kv_heads = layout.kv_heads(cfg.num_key_value_heads, source)
+        self.head_dim = hd = cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        self.scale = hd**-0.5
+        split = layout.world > 1  # this rank's heads: rows of q, k, v, and o_proj's matching columns
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, parts=[
+            ("q_proj", self.q_size, q0 * hd if split else None), ("k_proj", self.kv_size, k0 * hd if split else None),
+            ("v_proj", self.kv_size, k0 * hd if split else None)])
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, col_start=q0 * hd if split else None)
         self.qk_norm_eps = cfg.rms_norm_eps if cfg.use_qk_norm else None
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

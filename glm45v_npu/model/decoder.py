@@ -26,7 +26,8 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             self.mlp = MoE(cfg, layout, source)
         else:
-            self.mlp = SwiGLU(cfg.hidden_size, layout.even(cfg.intermediate_size, "intermediate_size", source)[1])
+            start, count = layout.even(cfg.intermediate_size, "intermediate_size", source)
+            self.mlp = SwiGLU(cfg.hidden_size, count, start if layout.world > 1 else None)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
@@ -39,7 +40,8 @@ class TextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         start, rows = layout.vocab(cfg.vocab_size)
-        self.embed_tokens = Embedding(rows, cfg.hidden_size, start, partial=layout.world > 1)
+        self.embed_tokens = Embedding(rows, cfg.hidden_size, start, partial=layout.world > 1,
+                                      real=max(0, min(rows, cfg.vocab_size - start)))
         self.rotary = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, layout, source) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

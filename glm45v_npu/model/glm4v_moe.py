@@ -24,7 +24,10 @@ class Glm4vMoe(nn.Module):
         self.cfg, self.layout = cfg, layout
         self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
         self.language_model = TextModel(cfg.text, layout, cfg.source)
-        self.lm_head = Linear(cfg.text.hidden_size, layout.vocab(cfg.text.vocab_size)[1])
+        start, rows = layout.vocab(cfg.text.vocab_size)
+        real = max(0, min(rows, cfg.text.vocab_size - start))  # the last rank's padding rows stay zero
+        self.lm_head = Linear(cfg.text.hidden_size, rows,
+                              parts=[("lm_head", real, start if layout.world > 1 else None)])
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 

@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,25 +21,13 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..progress import ProgressBar
+from .layers import SKIP, Piece
 
-# Checkpoint convolutions we hold as the equivalent linear layers: same numbers, flattened.
-_FLATTENED = ("visual.patch_embed.proj.weight", "visual.downsample.weight")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
-@dataclass(frozen=True)
-class Piece:
-    param: str | None  # our parameter name; None = another rank's tensor, not read here
-    index: tuple = ()  # where in the parameter the checkpoint tensor goes
-    src: tuple = ()  # which part of the checkpoint tensor this rank reads
-    reshape: bool = False
-
-
-SKIP = Piece(None)
-
-
 def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
-    """Our parameter name -> the checkpoint's name (before fusing)."""
+    """A name in our model's scheme -> the checkpoint's name."""
     if ours.startswith("language_model."):
         head = "model.language_model." if cfg.is_multimodal else "model."
         return head + ours[len("language_model.") :]
@@ -49,65 +36,21 @@ def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
     return ours
 
 
-def _rows(start: int, count: int) -> tuple:
-    return (slice(start, start + count),)
-
-
-def _cols(start: int, count: int) -> tuple:
-    return (slice(None), slice(start, start + count))
-
-
 def build_plan(model: nn.Module, cfg: ModelConfig) -> dict[str, Piece]:
-    """checkpoint tensor name -> where it goes, and which slice of it this rank reads."""
-    t, layout = cfg.text, model.layout
-    rank_of = layout.rank
+    """checkpoint tensor name -> where it goes, and which slice of it this rank reads. Layers with a
+    `checkpoint_plan` say it themselves (fused, stacked, sliced, flattened); every other parameter is one
+    checkpoint tensor of its own name."""
     plan: dict[str, Piece] = {}
-    text_sharded = layout.world > 1
-    for name, p in model.named_parameters():
-        ck = checkpoint_prefix(cfg, name)
-        base, _, leaf = ck.rpartition(".")
-        sharded = text_sharded and not name.startswith("visual.")
-        if base.endswith(".qkv_proj"):
-            stem, hd = base[: -len("qkv_proj")], t.head_dim
-            q0, nq = layout.even(t.num_attention_heads, "num_attention_heads", cfg.source)
-            k0, nkv = layout.kv_heads(t.num_key_value_heads, cfg.source)
-            q, kv = nq * hd, nkv * hd
-            for proj, lo, size, first in (("q", 0, q, q0 * hd), ("k", q, kv, k0 * hd), ("v", q + kv, kv, k0 * hd)):
-                plan[f"{stem}{proj}_proj.{leaf}"] = Piece(name, _rows(lo, size), _rows(first, size) if sharded else ())
-        elif base.endswith(".o_proj"):
-            plan[ck] = Piece(name, (), _cols(rank_of * p.shape[1], p.shape[1]) if sharded else ())
-        elif base.endswith(".gate_up_proj"):
-            stem, half = base[: -len("gate_up_proj")], p.shape[0] // 2
-            src = _rows(rank_of * half, half) if sharded else ()
-            plan[f"{stem}gate_proj.{leaf}"] = Piece(name, _rows(0, half), src)
-            plan[f"{stem}up_proj.{leaf}"] = Piece(name, _rows(half, half), src)
-        elif base.endswith(".down_proj") and sharded:
-            plan[ck] = Piece(name, (), _cols(rank_of * p.shape[1], p.shape[1]))
-        elif ck.endswith(".experts.w13"):
-            stem, half, first = ck[: -len("w13")], p.shape[1] // 2, model_first_expert(model, name)
-            src = _rows(rank_of * half, half) if (sharded and not layout.expert_parallel) else ()
-            for e in range(t.n_routed_experts):
-                local = e - first
-                mine = 0 <= local < p.shape[0]
-                plan[f"{stem}{e}.gate_proj.weight"] = Piece(name, (local, slice(0, half)), src) if mine else SKIP
-                plan[f"{stem}{e}.up_proj.weight"] = Piece(name, (local, slice(half, 2 * half)), src) if mine else SKIP
-        elif ck.endswith(".experts.w2"):
-            stem, first = ck[: -len("w2")], model_first_expert(model, name)
-            src = _cols(rank_of * p.shape[2], p.shape[2]) if (sharded and not layout.expert_parallel) else ()
-            for e in range(t.n_routed_experts):
-                local = e - first
-                plan[f"{stem}{e}.down_proj.weight"] = Piece(name, (local,), src) if 0 <= local < p.shape[0] else SKIP
-        elif sharded and (ck.endswith("embed_tokens.weight") or ck == "lm_head.weight"):
-            start, rows = layout.vocab(t.vocab_size)
-            real = max(0, min(rows, t.vocab_size - start))  # the last rank's padding rows stay zero
-            plan[ck] = Piece(name, _rows(0, real), _rows(start, real))
-        else:
-            plan[ck] = Piece(name, (), reshape=name in _FLATTENED)
+    declared: set[str] = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "checkpoint_plan"):
+            for source, piece in module.checkpoint_plan(name).items():
+                plan[checkpoint_prefix(cfg, source)] = piece
+                declared.add(piece.param)
+    for name, _ in model.named_parameters():
+        if name not in declared:
+            plan[checkpoint_prefix(cfg, name)] = Piece(name)
     return plan
-
-
-def model_first_expert(model: nn.Module, param_name: str) -> int:
-    return model.get_submodule(param_name.rpartition(".")[0]).first
 
 
 def shard_map(path: Path) -> dict[str, Path]:

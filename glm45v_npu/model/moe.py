@@ -9,7 +9,7 @@ from torch import nn
 from ..config import TextConfig
 from ..distributed import SINGLE, Layout
 from ..kernels import ops
-from .layers import SwiGLU
+from .layers import SKIP, Piece, SwiGLU, cols, rows
 
 
 class Router(nn.Module):
@@ -39,14 +39,32 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
         super().__init__()
         E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.first = 0
+        self.total = E
+        self.first, self.inter_start = 0, None  # this rank's first expert; its slice of each expert, if split
         if layout.expert_parallel:
             self.first, E = layout.even(E, "n_routed_experts", source)
         else:
-            _, inter = layout.even(inter, "moe_intermediate_size", source)
+            start, inter = layout.even(inter, "moe_intermediate_size", source)
+            self.inter_start = start if layout.world > 1 else None
         self.local = E if layout.world > 1 and layout.expert_parallel else None
         self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, inter), requires_grad=False)
+
+    def checkpoint_plan(self, prefix: str) -> dict[str, Piece]:
+        """Per-expert checkpoint tensors stacked into w13 (gate rows, then up rows) and w2; other ranks' experts
+        are skipped, and with tensor-parallel experts each rank reads its intermediate slice of each."""
+        half, local = self.w13.shape[1] // 2, self.w13.shape[0]
+        split = self.inter_start is not None
+        plan = {}
+        for e in range(self.total):
+            i = e - self.first
+            mine = 0 <= i < local
+            for name, where in (("gate_proj", slice(0, half)), ("up_proj", slice(half, 2 * half))):
+                plan[f"{prefix}.{e}.{name}.weight"] = Piece(f"{prefix}.w13", (i, where),
+                                                            rows(self.inter_start, half) if split else ()) if mine else SKIP
+            plan[f"{prefix}.{e}.down_proj.weight"] = Piece(f"{prefix}.w2", (i,),
+                                                           cols(self.inter_start, half) if split else ()) if mine else SKIP
+        return plan
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.local is not None:
@@ -64,10 +82,8 @@ class MoE(nn.Module):
         self.num_experts = cfg.n_routed_experts
         self.experts = Experts(cfg, layout, source)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = (
-            SwiGLU(cfg.hidden_size, layout.even(shared, "shared expert intermediate size", source)[1])
-            if cfg.n_shared_experts else None
-        )
+        start, count = layout.even(shared, "shared expert intermediate size", source)
+        self.shared_experts = SwiGLU(cfg.hidden_size, count, start if layout.world > 1 else None) if shared else None
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """valid [T] bool marks real rows of a padded batch; the others route to no expert."""

@@ -61,7 +61,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=True)
+        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=True, flat=True)  # the Conv3d kernel, flattened
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.proj(patches.to(self.proj.weight.dtype))
@@ -100,7 +100,7 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         m = cfg.spatial_merge_size
-        self.downsample = Linear(cfg.hidden_size * m * m, cfg.out_hidden_size, bias=True)  # Conv2d, stride = kernel
+        self.downsample = Linear(cfg.hidden_size * m * m, cfg.out_hidden_size, bias=True, flat=True)  # the Conv2d
         self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
 
     def forward(self, pixel_patches: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
