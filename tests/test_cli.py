@@ -93,6 +93,7 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_caption_folder_with_bad_files_and_resume(env, images, tmp_path):
     out = tmp_path / "c.jsonl"
     r = glm45v(env, "caption", images, "--out", out, "--max-tokens", 6, "--batch", 3)
