@@ -355,22 +355,15 @@ def _split_media(messages: Any) -> tuple[list, list, list]:
             if not isinstance(part, dict):
                 raise Glm45vError(f"{where}: expected an object with a 'type'")
             kind = part.get("type")
-            if kind in ("image", "image_url"):
-                src = part.get("image") or part.get("path") or part.get("url") or part.get("image_url")
+            media = kind[:-4] if kind in ("image_url", "video_url") else kind
+            if media in ("image", "video"):
+                src = part.get(media) or part.get("path") or part.get("url") or part.get(f"{media}_url")
                 if isinstance(src, dict):
                     src = src.get("url")
                 if src is None:
-                    raise Glm45vError(f"{where}: image part without an image")
-                images.append(src)
-                parts.append({"type": "image"})
-            elif kind in ("video", "video_url"):
-                src = part.get("video") or part.get("path") or part.get("url") or part.get("video_url")
-                if isinstance(src, dict):
-                    src = src.get("url")
-                if src is None:
-                    raise Glm45vError(f"{where}: video part without a video")
-                videos.append(src)
-                parts.append({"type": "video"})
+                    raise Glm45vError(f"{where}: {media} part without {'an' if media == 'image' else 'a'} {media}")
+                (images if media == "image" else videos).append(src)
+                parts.append({"type": media})
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise Glm45vError(f"{where}.text: expected a string")

@@ -297,18 +297,29 @@ async def _stream(engine: EngineLoop, rid: str, outputs: asyncio.Queue):
             engine.abort(rid)
 
 
-async def _chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_usage):
-    head = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": model}
-    streams = [ReasoningStream() for _ in range(n)]
-    for i in range(n):
-        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]}
+async def _chunks(engine, rid, outputs, head, include_usage, choices):
+    """Stream chunks: `choices(output)` per engine step, a usage chunk if asked, then [DONE] (or an error chunk)."""
     last = None
     async for item in _stream(engine, rid, outputs):
         if isinstance(item, Exception):
             yield {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
             return
         last = item
+        for choice in choices(item):
+            yield {**head, "choices": [choice]}
+    if include_usage and last is not None:
+        yield {**head, "choices": [], "usage": p.usage(last)}
+    yield "[DONE]"
+
+
+async def _chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_usage):
+    head = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": model}
+    streams = [ReasoningStream() for _ in range(n)]
+    for i in range(n):
+        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+
+    def choices(item):
         for c in item.outputs:
             reasoning, content = streams[c.index].feed(c.text)
             if c.finish_reason is not None:
@@ -317,24 +328,17 @@ async def _chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include
             delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
             logprobs = p.chat_logprobs(c, top_n) if c.token_ids else None
             if delta or logprobs or c.finish_reason:
-                yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": c.finish_reason}]}
-    if include_usage and last is not None:
-        yield {**head, "choices": [], "usage": p.usage(last)}
-    yield "[DONE]"
+                yield {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    async for chunk in _chunks(engine, rid, outputs, head, include_usage, choices):
+        yield chunk
 
 
-async def _completion_stream(engine, rid, outputs, cid, made, model, include_usage):
+def _completion_stream(engine, rid, outputs, cid, made, model, include_usage):
     head = {"id": cid, "object": "text_completion", "created": made, "model": model}
-    last = None
-    async for item in _stream(engine, rid, outputs):
-        if isinstance(item, Exception):
-            yield {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
-            return
-        last = item
-        for c in item.outputs:
-            yield {**head, "choices": [{"index": c.index, "text": c.text, "logprobs": p.completion_logprobs(c),
-                                        "finish_reason": c.finish_reason}]}
-    if include_usage and last is not None:
-        yield {**head, "choices": [], "usage": p.usage(last)}
-    yield "[DONE]"
+
+    def choices(item):
+        return [{"index": c.index, "text": c.text, "logprobs": p.completion_logprobs(c),
+                 "finish_reason": c.finish_reason} for c in item.outputs]
+
+    return _chunks(engine, rid, outputs, head, include_usage, choices)
