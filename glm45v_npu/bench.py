@@ -24,10 +24,16 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int, videos: int = 0,
-              video_seconds: float = 2.0, folder: str | None = None) -> list[dict]:
+def _random_image(size: tuple[int, int], seed: int):
+    """A W x H image of random pixels (a worst case for the vision tower's input, nothing downloaded)."""
     from PIL import Image
 
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int, videos: int = 0,
+              video_seconds: float = 2.0, folder: str | None = None) -> list[dict]:
     from .video import write_test_video
 
     rng = random.Random(seed)
@@ -40,12 +46,10 @@ def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int
         pics = []
         for k in range(images):
             ids.insert(k, cfg.image_token_id)
-            g = torch.Generator().manual_seed(seed * 1000 + i * 10 + k)
-            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
-            pics.append(Image.fromarray(pixels))
+            pics.append(_random_image(size, seed * 1000 + i * 10 + k))
         clips = []
         for k in range(videos):
-            ids.insert(images + k, llm.model_config.video_token_id)
+            ids.insert(images + k, cfg.video_token_id)
             clips.append(str(write_test_video(f"{folder}/{seed}-{i}-{k}.mp4", video_seconds, size=size,
                                               seed=seed * 1000 + i * 10 + k)))
         out.append({"prompt_token_ids": ids, "images": pics, "videos": clips})
@@ -64,17 +68,17 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
     import tempfile
 
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    folder = tempfile.mkdtemp(prefix="glm45v-bench-")
-    llm.generate(_requests(llm, 1, min(input_len, 16), images, size, 1, videos, video_seconds, folder),
-                 SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    requests = _requests(llm, batch, input_len, images, size, 0, videos, video_seconds, folder)
-    platform.reset_peak_memory(llm.device)
-    platform.synchronize(llm.device)
-    before = llm.stats()
-    start = time.perf_counter()
-    outs = llm.generate(requests, params)
-    platform.synchronize(llm.device)
-    total = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="glm45v-bench-") as folder:  # test videos, read as requests are added
+        llm.generate(_requests(llm, 1, min(input_len, 16), images, size, 1, videos, video_seconds, folder),
+                     SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+        requests = _requests(llm, batch, input_len, images, size, 0, videos, video_seconds, folder)
+        platform.reset_peak_memory(llm.device)
+        platform.synchronize(llm.device)
+        before = llm.stats()
+        start = time.perf_counter()
+        outs = llm.generate(requests, params)
+        platform.synchronize(llm.device)
+        total = time.perf_counter() - start
     bad = [o.error for o in outs if o.error]
     if bad:
         raise Glm45vError(f"bench request rejected: {bad[0]}")
@@ -128,7 +132,6 @@ def run_bench_http(url: str, api_key: str | None, batch: int, input_len: int, ou
     import json
 
     import httpx
-    from PIL import Image
 
     rng = random.Random(0)
 
@@ -140,10 +143,8 @@ def run_bench_http(url: str, api_key: str | None, batch: int, input_len: int, ou
             return "/v1/completions", {**common, "prompt": words}
         parts = []
         for k in range(images):
-            g = torch.Generator().manual_seed(i * 10 + k)
-            px = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
             buf = io.BytesIO()
-            Image.fromarray(px).save(buf, "PNG")
+            _random_image(size, i * 10 + k).save(buf, "PNG")
             parts.append({"type": "image_url", "image_url": {
                 "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
         return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": [

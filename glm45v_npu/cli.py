@@ -416,7 +416,7 @@ def bench(
     engine: EngineConfig = None,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
-    from .bench import parse_size, run_bench, run_bench_http
+    from .bench import parse_size, run_bench, run_bench_http, table
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
     if url:
@@ -425,32 +425,27 @@ def bench(
         require(request_rate is None or request_rate > 0, f"--request-rate {request_rate}: must be > 0")
         result = run_bench_http(url.rstrip("/"), api_key, batch, input_len, output_len, images,
                                 parse_size(image_size), concurrency or batch, request_rate)
-        if as_json:
-            print(json.dumps(result))
-        else:
-            from .bench import table
-
-            out.print(table(result))
-        return
+        return _show(result, table, as_json)
     if roofline:
         from . import roofline as rl
 
         result = rl.roofline(engine.model, engine.num_layers or 4, tuple(sorted({1, batch})), input_len,
                              engine.device, engine.dtype)
-        print(json.dumps(result)) if as_json else out.print(rl.table(result))
-        return
+        return _show(result, rl.table, as_json)
     require(input_len >= 1 and output_len >= 1, "--input-len and --output-len must be >= 1")
     require(images >= 0, f"--images {images}: must be >= 0")
     require(videos >= 0, f"--videos {videos}: must be >= 0")
     require(video_seconds > 0, f"--video-seconds {video_seconds}: must be > 0")
     size = parse_size(image_size)
     llm = _llm(replace(engine, max_num_seqs=max(batch, engine.max_num_seqs)))
-    result = run_bench(llm, batch, input_len, output_len, images, size, videos, video_seconds)
+    _show(run_bench(llm, batch, input_len, output_len, images, size, videos, video_seconds), table, as_json)
+
+
+def _show(result: dict, table, as_json: bool) -> None:
+    """A result as one JSON line (for scripts) or as its rich table."""
     if as_json:
         print(json.dumps(result))
     else:
-        from .bench import table
-
         out.print(table(result))
 
 

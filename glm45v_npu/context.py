@@ -33,8 +33,7 @@ class ForwardContext:
     ) -> ForwardContext:
         """From host lists: each sequence's new-token count, total length after the step and block ids. The one
         way a step context is made (the runner, the warm-up profile, the roofline and the tests use it)."""
-        width = max(1, max(len(t) for t in block_tables))
-        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        tables = block_table_tensor(block_tables)
         q_lens = torch.tensor(list(query_lens), dtype=torch.int32)
         ctx_lens = torch.tensor(list(context_lens), dtype=torch.int32)
         cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
@@ -42,7 +41,7 @@ class ForwardContext:
         total = int(cu[-1])
         seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens, output_size=total)
         pos = (torch.arange(total) - cu[seq] + ctx_lens[seq] - q_lens[seq]).long()  # absolute positions
-        slots = tables[seq, pos // block_size].long() * block_size + pos % block_size
+        slots = slot_mapping(tables, seq, pos, block_size)
         attn = AttentionMetadata(
             cu_seqlens_q=cu.to(device, non_blocking=True),
             context_lens=ctx_lens.to(device, non_blocking=True),
@@ -55,3 +54,16 @@ class ForwardContext:
             host_context_lens=list(context_lens),
         )
         return cls(attn, slots.to(device, non_blocking=True))
+
+
+def block_table_tensor(block_tables: Sequence[Sequence[int]], width: int | None = None, rows: int | None = None
+                       ) -> torch.Tensor:
+    """Host int32 [rows, width] block tables, unused entries 0 (rows past the given tables: all 0)."""
+    width = width or max(1, max(len(t) for t in block_tables))
+    padding = [[0] * width] * ((rows or len(block_tables)) - len(block_tables))
+    return torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables] + padding, dtype=torch.int32)
+
+
+def slot_mapping(tables: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The cache slot of each new token, from its sequence's block table and its absolute position."""
+    return tables[seq, pos // block_size].long() * block_size + pos % block_size

@@ -92,11 +92,22 @@ def num_image_tokens(grid: Sequence[int], merge: int) -> int:
     return t * h * w // (merge * merge)
 
 
-def describe_image(image: Any, index: int) -> str:
-    """How errors name an image: its path, or its place in the request."""
-    if isinstance(image, (str, Path)) and not str(image).startswith("data:"):
-        return f"image {image}"
-    return f"image {index + 1} of the request"
+def describe_media(source: Any, index: int, kind: str = "image") -> str:
+    """How errors name an image or a video: its path, or its place in the request."""
+    if isinstance(source, (str, Path)) and not str(source).startswith("data:"):
+        return f"{kind} {source}"
+    return f"{kind} {index + 1} of the request"
+
+
+def data_uri_bytes(uri: str, name: str) -> bytes:
+    """The payload of a base64 data: URI (images and videos alike)."""
+    head, _, payload = uri.partition(",")
+    if ";base64" not in head:
+        raise Glm45vError(f"{name}: only base64 data: URIs are supported")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
 
 
 def open_image(image: Any, name: str | None = None):
@@ -104,7 +115,7 @@ def open_image(image: Any, name: str | None = None):
     animations, transparency over white, 16-bit scaled down)."""
     from PIL import Image, ImageOps
 
-    name = name or describe_image(image, 0)
+    name = name or describe_media(image, 0)
     if isinstance(image, Image.Image):
         img = image
     else:
@@ -131,13 +142,7 @@ def _decode(source: Any, name: str):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (str, Path)) and str(source).startswith("data:"):
-        head, _, payload = str(source).partition(",")
-        if ";base64" not in head:
-            raise Glm45vError(f"{name}: only base64 data: URIs are supported")
-        try:
-            source = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
+        source = data_uri_bytes(str(source), name)
     elif isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
         raise Glm45vError(f"{name}: remote images are not fetched here; download it, or use `glm45v serve "
                           "--allow-remote-media`")
@@ -272,7 +277,7 @@ class Processor:
             raise Glm45vError(f"the request has {len(videos)} videos; limit_mm_per_prompt allows {self.max_videos}")
         if videos and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: videos need the checkpoint's tokenizer (for frame timestamps)")
-        names = [describe_image(im, k) for k, im in enumerate(images)]
+        names = [describe_media(im, k) for k, im in enumerate(images)]
         opened = [open_image(im, name) for im, name in zip(images, names)]
         pixels, grids = preprocess_images(opened, self.image_processor, names) if opened else (None, [])
         image_parts = list(zip(pixels.split([t * h * w for t, h, w in grids]), grids)) if grids else []
@@ -307,9 +312,7 @@ class Processor:
     def _video(self, source, index: int):
         from .video import read_video
 
-        name = f"video {source}" if isinstance(source, (str, Path)) and not str(source).startswith("data:") else (
-            f"video {index + 1} of the request")
-        return read_video(source, self.video_cfg, name)
+        return read_video(source, self.video_cfg, describe_media(source, index, "video"))
 
 
 def _request_media(request: dict) -> tuple[list, list]:

@@ -15,6 +15,7 @@ from . import platform
 from .config import ModelConfig, load_config, with_num_layers
 from .engine.runner import ModelRunner, StepInputs, release_kv_cache
 from .hub import resolve_model
+from .kernels import ops
 from .model.glm4v_moe import build_model
 from .model.loader import init_dummy_weights
 
@@ -158,7 +159,7 @@ def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, .
     return {"model": model, "num_layers": num_layers, "context": context, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
             "dtype": str(dt).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
-            "kernels": __import__("glm45v_npu.kernels.ops", fromlist=["describe"]).describe(dev)}
+            "kernels": ops.describe(dev)}
 
 
 def table(result: dict):

@@ -99,7 +99,7 @@ class SamplingParams:
 class Sampled(NamedTuple):
     tokens: list[int]
     logprobs: list[float]  # of each sampled token, under the raw model distribution
-    ranks: list[int]  # of each sampled token in that distribution (1 = most likely)
+    ranks: list[int]  # of each sampled token in that distribution (1 = most likely); 0 where no logprobs asked
     top: list[list[tuple[int, float]] | None]  # the top-N (id, logprob) of rows that asked for logprobs
 
 
@@ -136,8 +136,10 @@ class Sampler:
             probs = filtered_probs(logits[rows], [params[i] for i in sampled])
             tokens[rows] = draw(probs, [generators[i] for i in sampled], self.generator)
         chosen = logprobs_all.gather(1, tokens[:, None])
-        ranks = (logprobs_all > chosen).sum(-1) + 1
         top: list[list[tuple[int, float]] | None] = [None] * len(params)
+        ranks = [0] * len(params)  # only rows that asked for logprobs report a rank
+        if any(p.logprobs is not None for p in params):
+            ranks = ((logprobs_all > chosen).sum(-1) + 1).tolist()
         wanted = [i for i, p in enumerate(params) if p.logprobs]
         if wanted:
             k = max(params[i].logprobs for i in wanted)
@@ -145,7 +147,7 @@ class Sampler:
             for row, i in enumerate(wanted):
                 n = params[i].logprobs
                 top[i] = list(zip(ids[row, :n].tolist(), values[row, :n].tolist()))
-        return Sampled(tokens.tolist(), chosen[:, 0].tolist(), ranks.tolist(), top)
+        return Sampled(tokens.tolist(), chosen[:, 0].tolist(), ranks, top)
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], history: Sequence[Sequence[int]],

@@ -210,19 +210,12 @@ def _patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tensor, tuple
 
 
 def _open_source(source: Any, name: str):
-    import base64
-    import binascii
+    from .processor import data_uri_bytes
 
     if isinstance(source, (bytes, bytearray)):
         return io.BytesIO(source)
     if isinstance(source, (str, Path)) and str(source).startswith("data:"):
-        head, _, payload = str(source).partition(",")
-        if ";base64" not in head:
-            raise Glm45vError(f"{name}: only base64 data: URIs are supported")
-        try:
-            return io.BytesIO(base64.b64decode(payload, validate=True))
-        except (binascii.Error, ValueError) as e:
-            raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
+        return io.BytesIO(data_uri_bytes(str(source), name))
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():

@@ -59,7 +59,8 @@ def test_filters_compose():
 
 def test_greedy_is_argmax_and_logprob_is_raw():
     logits = torch.randn(5, 50)
-    tokens, lps, ranks, _ = Sampler()(logits.clone(), [SamplingParams(temperature=0)] * 5, [None] * 5, [[]] * 5)
+    tokens, lps, ranks, _ = Sampler()(logits.clone(), [SamplingParams(temperature=0, logprobs=0)] * 5, [None] * 5,
+                                      [[]] * 5)
     assert ranks == [1] * 5
     assert tokens == logits.argmax(-1).tolist()
     assert torch.allclose(torch.tensor(lps), torch.log_softmax(logits, -1).max(-1).values)
@@ -128,7 +129,7 @@ def test_presence_and_frequency_penalties_act_on_generated_tokens_only():
 
 def test_min_tokens_keeps_stop_ids_away():
     logits = torch.tensor([[0.0, 5.0, 1.0]])
-    sampled = Sampler()(logits.clone(), [SamplingParams(temperature=0)], [None], [[]], [0], [[1]])
+    sampled = Sampler()(logits.clone(), [SamplingParams(temperature=0, logprobs=0)], [None], [[]], [0], [[1]])
     assert sampled.tokens == [2] and sampled.ranks == [2]  # the suppressed eos would have been first
 
 

@@ -52,6 +52,7 @@ class EngineStats:
 
 @dataclass(eq=False)
 class _Completion:
+    index: int  # its place among the request's n completions
     seq: Sequence
     detok: IncrementalDetokenizer
     text: str = ""  # the part of the decoded text that is safe to show (stop strings held back)
@@ -152,7 +153,7 @@ class Engine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(_derived_seed(params.seed, i))
             detok = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
-            comp = _Completion(seq, detok, logprobs=[] if params.logprobs is not None else None)
+            comp = _Completion(i, seq, detok, logprobs=[] if params.logprobs is not None else None)
             req.completions.append(comp)
             req.metrics.token_times.append([])
             self._owner[seq.seq_id] = (req, comp)
@@ -256,8 +257,7 @@ class Engine:
         token = sampled.tokens[row]
         seq.token_ids.append(token)
         seq.logprobs.append(sampled.logprobs[row])
-        index = req.completions.index(comp)
-        req.metrics.token_times[index].append(now - req.metrics.arrival_time)
+        req.metrics.token_times[comp.index].append(now - req.metrics.arrival_time)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         if comp.logprobs is not None:
@@ -314,13 +314,13 @@ class Engine:
 
     def _output(self, req: _Request, delta: bool) -> RequestOutput:
         outputs = []
-        for i, c in enumerate(req.completions):
+        for c in req.completions:
             if delta and not c.changed:
                 continue
             seq = c.seq
             t0, x0 = (c.sent_tokens, c.sent_text) if delta else (0, 0)
             outputs.append(CompletionOutput(
-                index=i, text=c.text[x0:], token_ids=seq.output_ids[t0:],
+                index=c.index, text=c.text[x0:], token_ids=seq.output_ids[t0:],
                 cumulative_logprob=sum(seq.logprobs) if c.logprobs is not None else None,
                 logprobs=c.logprobs[t0:] if c.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=c.stop_reason))

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from .. import platform
-from ..context import ForwardContext
+from ..context import ForwardContext, block_table_tensor, slot_mapping
 from ..kernels.metadata import AttentionMetadata
 
 log = logging.getLogger("glm45v_npu")
@@ -64,27 +64,25 @@ class DecodeGraphs:
 
     def load(self, token_ids: list[int], positions: torch.Tensor, context_lens: list[int],
              block_tables: list[list[int]]) -> int:
-        """Write one decode step into the static buffers (padding rows reset); returns its bucket."""
+        """Write one decode step into the static buffers (padding rows reset; only the block-table columns this
+        step uses, since no row reads past its context); returns its bucket."""
         B = len(token_ids)
         bucket = self.bucket(B)
-        width = self.block_tables.shape[1]
-        tables = torch.zeros(bucket, width, dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        used = max(len(t) for t in block_tables)
+        tables = block_table_tensor(block_tables, used, bucket)
         lens = torch.zeros(bucket, dtype=torch.int32)
         lens[:B] = torch.tensor(context_lens, dtype=torch.int32)
-        pos = (lens[:B] - 1).long()
         slots = torch.full((bucket,), -1, dtype=torch.long)
-        slots[:B] = tables[torch.arange(B), pos // self.block_size].long() * self.block_size + pos % self.block_size
+        slots[:B] = slot_mapping(tables, torch.arange(B), (lens[:B] - 1).long(), self.block_size)
         ids = torch.zeros(bucket, dtype=torch.long)
         ids[:B] = torch.tensor(token_ids, dtype=torch.long)
         full_pos = torch.zeros(3, bucket, dtype=torch.long)
         full_pos[:, :B] = positions
-        valid = torch.zeros(bucket, dtype=torch.bool)
-        valid[:B] = True
+        valid = torch.arange(bucket) < B
         for static, host in ((self.token_ids, ids), (self.slot_mapping, slots), (self.context_lens, lens),
-                             (self.block_tables, tables), (self.valid, valid)):
+                             (self.valid, valid)):
             static[:bucket].copy_(host, non_blocking=True)
+        self.block_tables[:bucket, :used].copy_(tables, non_blocking=True)
         self.positions[:, :bucket].copy_(full_pos, non_blocking=True)
         return bucket
 

@@ -22,9 +22,9 @@ DOT_DEFAULT, DOT_IEEE, DOT_UPCAST = 0, 1, 2
 # 20-24 AI cores with 192 KiB UB each and prefers fewer, longer-running programs.
 TILES: dict[str, dict[str, Any]] = {
     "cuda": {"decode_programs": 264, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-             "moe": (16, 64, 64)},
+             "moe": (16, 64, 64), "store_tokens": 1},
     "npu": {"decode_programs": 40, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-            "moe": (16, 64, 64)},
+            "moe": (16, 64, 64), "store_tokens": 8},
 }
 MAX_SPLITS = 16
 

@@ -43,7 +43,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, dot_mode, ptr, tiles
+    from ._triton import Launch, dot_mode, ptr, target_of, tiles
     from ._triton import mma as _dot
 except ImportError:
     triton = None
@@ -148,8 +148,6 @@ def moe_launches(num_tokens: int, top_k: int, num_experts: int, hidden: int, int
 def fused_moe_triton(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
-    from ._triton import target_of
-
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2

@@ -19,7 +19,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, ptr, row_offset
+    from ._triton import Launch, ptr, row_offset, target_of, tiles
 except ImportError:
     triton = None
 
@@ -44,8 +44,8 @@ if triton is not None:
 
 
 def store_kv_launch(T: int, row: int, dtype: torch.dtype, cache_dtype: torch.dtype, target: str = "cuda") -> Launch:
-    """One program per few tokens: Ascend prefers fewer, longer programs; a decode batch is one or a few."""
-    tokens = 1 if target == "cuda" else 8
+    """One program per few tokens (Ascend prefers fewer, longer programs); a decode batch is one or a few."""
+    tokens = tiles(target)["store_tokens"]
     return Launch(_store_kv_kernel, (triton.cdiv(T, tokens),),
                   dict(ROW=row, BLOCK=triton.next_power_of_2(row), TOKENS=tokens),
                   dict(k=ptr(dtype), v=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype),
@@ -55,8 +55,6 @@ def store_kv_launch(T: int, row: int, dtype: torch.dtype, cache_dtype: torch.dty
 def store_kv_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    from ._triton import target_of
-
     T = k.shape[0]
     k2, v2 = k.reshape(T, -1), v.reshape(T, -1)
     launch = store_kv_launch(T, k2.shape[1], k.dtype, k_cache.dtype, target_of(k.device))

@@ -51,7 +51,11 @@ def _triton_impls() -> dict[str, Callable]:
 
 TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route")
 
-# torch_npu fast paths, and what makes two calls different enough to check each kind once
+# torch_npu fast paths, and what makes two calls different enough to check each kind once. A kind of None means
+# the fast op does not serve that call (it goes to the portable path, with no warning and no giving up):
+# attention on a decode-graph step, whose lengths live on the device only (the torch_npu op takes them as host
+# lists, which a captured graph would freeze), and routing without renormalisation (the torch_npu op always
+# renormalises).
 NPU_OPS: dict[str, Callable] = {
     "store_kv": npu_ops.store_kv,
     "paged_attention": npu_ops.paged_attention,
@@ -61,10 +65,12 @@ NPU_OPS: dict[str, Callable] = {
     "apply_rope": npu_ops.apply_rope,
 }
 CHECK_KIND: dict[str, Callable[..., Any]] = {
-    "paged_attention": lambda q, kc, vc, meta, scale: (meta.is_decode, q.dtype, kc.shape[1:]),
+    "paged_attention": lambda q, kc, vc, meta, scale: (
+        None if meta.host_context_lens is None else (meta.is_decode, q.dtype, kc.shape[1:])),
     "rms_norm": lambda x, w, eps, bias=None: (x.dtype, x.shape[-1], bias is None),
     "apply_rope": lambda x, cos, sin: (x.dtype, x.shape[1:], cos.shape[-1]),
-    "route": lambda logits, bias, *cfg: (logits.dtype, logits.shape[-1], cfg),
+    "route": lambda logits, bias, top_k, n_group, topk_group, renormalize, scaling: (
+        (logits.dtype, logits.shape[-1], top_k, n_group, topk_group, scaling) if renormalize else None),
     "fused_moe": lambda x, w13, w2, w, ids: (x.dtype, w13.shape, ids.shape[1]),
     "store_kv": lambda k, v, kc, vc, slots: (k.dtype, kc.dtype, kc.shape[1:]),
 }
@@ -81,13 +87,14 @@ def _stored(k, v, k_cache, v_cache, slot_mapping) -> bool:
 IN_PLACE_CHECK: dict[str, Callable[..., bool]] = {"store_kv": _stored}
 
 
-def backend(device: torch.device) -> str:
+def backend(kind: str) -> str:
+    """torch or triton for a device type (cpu, cuda, npu), unless GLM45V_KERNELS says otherwise."""
     forced = os.environ.get("GLM45V_KERNELS")
     if forced:
         if forced not in ("torch", "triton"):
             raise ValueError(f"GLM45V_KERNELS={forced}: expected torch or triton")
         return forced
-    return "torch" if device.type == "cpu" else "triton"
+    return "torch" if kind == "cpu" else "triton"
 
 
 _cache: dict[tuple[str, str], Callable] = {}
@@ -95,7 +102,7 @@ _cache: dict[tuple[str, str], Callable] = {}
 
 def portable(op: str, device: torch.device) -> Callable:
     """The op on this device without vendor libraries: its Triton kernel on a Triton backend, else its twin."""
-    if backend(device) == "triton" and op in TRITON_OPS:
+    if backend(device.type) == "triton" and op in TRITON_OPS:
         return _triton_impls()[op]
     return TWINS[op]
 
@@ -105,7 +112,7 @@ def impl(op: str, device: torch.device) -> Callable:
     if key not in _cache:
         chosen = portable(op, device)
         if device.type == "npu" and op in NPU_OPS:
-            chosen = SelfChecked(op, NPU_OPS[op], chosen, TWINS[op], CHECK_KIND.get(op), IN_PLACE_CHECK.get(op))
+            chosen = SelfChecked(op, NPU_OPS[op], chosen, TWINS[op], CHECK_KIND[op], IN_PLACE_CHECK.get(op))
         _cache[key] = chosen
     return _cache[key]
 
@@ -117,19 +124,11 @@ def qkv_split(is_decode: bool, device: torch.device) -> Callable:
     return impl("split_qkv_rmsnorm_rope", device) if is_decode else split_qkv_plain
 
 
-def split_qkv_plain(qkv: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, q_size: int, kv_size: int,
-                    head_dim: int, eps: float | None = None, q_weight: torch.Tensor | None = None,
-                    k_weight: torch.Tensor | None = None, q_bias: torch.Tensor | None = None,
-                    k_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """split_qkv_rmsnorm_rope as separate ops (same signature)."""
-    T, dev = qkv.shape[0], qkv.device
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q, k = q.reshape(T, -1, head_dim), k.reshape(T, -1, head_dim)
-    if eps is not None:
-        norm = impl("rms_norm", dev)
-        q, k = norm(q, q_weight, eps, q_bias), norm(k, k_weight, eps, k_bias)
-    rope = impl("apply_rope", dev)
-    return rope(q, cos, sin).reshape(T, q_size), rope(k, cos, sin).reshape(T, kv_size), v.contiguous()
+def split_qkv_plain(qkv: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """split_qkv_rmsnorm_rope as separate ops (same signature): the twin's split with the device's norm and
+    rope."""
+    return split_qkv_rmsnorm_rope_torch(qkv, *args, norm=impl("rms_norm", qkv.device),
+                                        rope=impl("apply_rope", qkv.device), **kwargs)
 
 
 def describe(device: torch.device) -> dict[str, str]:
@@ -143,8 +142,7 @@ def describe_all() -> dict[str, dict[str, str]]:
 
 
 def _path(op: str, kind: str) -> str:
-    forced = os.environ.get("GLM45V_KERNELS")
-    triton = (forced or ("torch" if kind == "cpu" else "triton")) == "triton" and op in TRITON_OPS
+    triton = backend(kind) == "triton" and op in TRITON_OPS
     name = "triton" if triton else "torch twin"
     if kind == "npu":
         name = "triton-ascend" if triton else name
@@ -155,12 +153,13 @@ def _path(op: str, kind: str) -> str:
 
 class SelfChecked:
     """A device-specific fast op that proves itself against its portable twin on its first real call of each
-    kind (shapes, modes): both run on the same inputs, and if they disagree or the fast op raises, one warning is
-    logged and the fallback serves from then on. A later error does the same. An in-place op is checked by
-    `written` (what it should have written) instead, and redone by the fallback when wrong."""
+    kind (`kind(*args)`: shapes, modes; None = a call the fast op does not serve, which goes to the fallback):
+    both run on the same inputs, and if they disagree or the fast op raises, one warning is logged and the
+    fallback serves from then on. A later error does the same. An in-place op is checked by `written` (what it
+    should have written) instead, and redone by the fallback when wrong."""
 
-    def __init__(self, name: str, fast: Callable, fallback: Callable, twin: Callable,
-                 kind: Callable[..., Any] | None = None, written: Callable[..., bool] | None = None):
+    def __init__(self, name: str, fast: Callable, fallback: Callable, twin: Callable, kind: Callable[..., Any],
+                 written: Callable[..., bool] | None = None):
         self.name, self.fast, self.fallback, self.twin, self.kind = name, fast, fallback, twin, kind
         self.written = written
         self.checked: set = set()
@@ -175,9 +174,9 @@ class SelfChecked:
         log.warning("%s: torch_npu %s; using the portable path", self.name, why)
 
     def __call__(self, *args, **kwargs):
-        if self.failed:
+        key = None if self.failed else self.kind(*args, **kwargs)
+        if key is None:
             return self.fallback(*args, **kwargs)
-        key = self.kind(*args, **kwargs) if self.kind else None
         if key in self.checked:
             try:
                 return self.fast(*args, **kwargs)

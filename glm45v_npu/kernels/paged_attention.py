@@ -50,7 +50,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import MAX_SPLITS, Launch, dot_mode, ptr, row_offset, tiles
+    from ._triton import MAX_SPLITS, Launch, dot_mode, ptr, row_offset, target_of, tiles
     from ._triton import mma as _dot
 except ImportError:
     triton = None
@@ -218,8 +218,6 @@ def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Same contract as the twin. Decode batches take the split-K kernel, all others the varlen kernel."""
-    from ._triton import target_of
-
     _, nq, hd = q.shape
     nkv, bs = k_cache.shape[2], k_cache.shape[1]
     target = target_of(q.device)

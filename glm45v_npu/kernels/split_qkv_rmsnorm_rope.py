@@ -7,6 +7,8 @@ twin (and the CPU path); the Triton kernel shares its signature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .reference import apply_rope, rms_norm
@@ -46,16 +48,20 @@ def split_qkv_rmsnorm_rope_torch(
     k_weight: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
     k_bias: torch.Tensor | None = None,
+    *,
+    norm: Callable = rms_norm,
+    rope: Callable = apply_rope,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`norm` and `rope` default to the reference math; prefill passes the device's own ops (ops.split_qkv_plain)."""
     T = qkv.shape[0]
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.reshape(T, -1, head_dim)
     k = k.reshape(T, -1, head_dim)
     if eps is not None:
-        q = rms_norm(q, q_weight, eps, q_bias)
-        k = rms_norm(k, k_weight, eps, k_bias)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+        q = norm(q, q_weight, eps, q_bias)
+        k = norm(k, k_weight, eps, k_bias)
+    q = rope(q, cos, sin)
+    k = rope(k, cos, sin)
     return q.reshape(T, q_size), k.reshape(T, kv_size), v.contiguous()
 
 
@@ -67,7 +73,7 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, ptr, row_offset, tiles
+    from ._triton import Launch, ptr, row_offset, target_of, tiles
 except ImportError:  # CPU-only installs without triton run the twin
     triton = None
 
@@ -152,8 +158,6 @@ def split_qkv_rmsnorm_rope_triton(
     q_bias: torch.Tensor | None = None,
     k_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from ._triton import target_of
-
     T = qkv.shape[0]
     q = qkv.new_empty(T, q_size)
     k = qkv.new_empty(T, kv_size)

@@ -109,9 +109,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
         by_file.setdefault(file, []).append(name)
 
     pending = {k: v for k, v in plan.items() if v.param is not None}
-    padded = [p for n, p in params.items() if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
-    for p in padded:
-        p.data.zero_()  # vocab-parallel padding rows beyond the vocabulary
+    for name in {p.param for p in pending.values() if p.index}:
+        params[name].data.zero_()  # filled in parts: what no part covers (vocab-parallel padding rows) stays 0
     model.bytes_read = 0
     total = len(files)
     bar = ProgressBar("loading weights", total) if progress else None

@@ -86,6 +86,12 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
         metrics.rejected(e.status)
         return error_response(e.status, e.message, e.kind, e.param, e.code, e.headers)
 
+    @app.exception_handler(Glm45vError)
+    async def bad_request(request: Request, e: Glm45vError):
+        """A request the engine or the protocol refuses: 400, naming the field when one is at fault."""
+        metrics.rejected(400)
+        return error_response(400, str(e), param=e.field if isinstance(e, FieldError) else None)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         return error_response(400, str(e), param=None)
@@ -129,16 +135,6 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
             return await engine.submit(request, params, None)
         except Overloaded as e:
             raise ApiError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
-        except FieldError as e:
-            raise ApiError(400, str(e), param=e.field) from None
-        except Glm45vError as e:
-            raise ApiError(400, str(e)) from None
-
-    def sampling(req: Any) -> Any:
-        try:
-            return req.params(defaults)
-        except FieldError as e:
-            raise ApiError(400, str(e), param=e.field) from None
 
     async def final(request: Request, rid: str, outputs: asyncio.Queue):
         """The finished output, or None when the client left first (its request is then aborted)."""
@@ -183,7 +179,7 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: p.ChatCompletionRequest = await parse(request, p.ChatCompletionRequest)
-        params = sampling(req)
+        params = req.params(defaults)
         messages = await _resolve_media(req.messages, config.media)
         engine_request = {"messages": messages, "chat_template_kwargs": dict(req.chat_template_kwargs or {})}
         rid, outputs = await submit(engine_request, params)
@@ -208,11 +204,8 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: p.CompletionRequest = await parse(request, p.CompletionRequest)
-        params = sampling(req)
-        try:
-            prompts = req.prompts()
-        except FieldError as e:
-            raise ApiError(400, str(e), param=e.field) from None
+        params = req.params(defaults)
+        prompts = req.prompts()
         if len(prompts) != 1:
             raise ApiError(400, "one prompt per request (send several requests, or use n)", param="prompt")
         rid, outputs = await submit(prompts[0], params)
@@ -256,11 +249,7 @@ async def _resolve_media(messages: list[dict], policy: MediaPolicy) -> list[dict
                 if kind in ("image_url", "video_url"):
                     url = part.get(kind)
                     url = url.get("url") if isinstance(url, dict) else url
-                    where = f"messages[{i}].content[{j}].{kind}"
-                    try:
-                        source = await resolve_url(url, policy, where)
-                    except FieldError as e:
-                        raise ApiError(400, str(e), param=e.field) from None
+                    source = await resolve_url(url, policy, f"messages[{i}].content[{j}].{kind}")
                     media = kind.removesuffix("_url")
                     parts.append({"type": media, media: source})
                 else:

@@ -94,26 +94,21 @@ class EngineLoop:
             for rid in list(self.queues):
                 self.llm.abort(rid)
 
+    def _drain(self, wait: bool) -> None:
+        """Apply every queued command; when the engine is idle, first wait a moment for one."""
+        try:
+            cmd = self.commands.get(timeout=0.5) if wait else self.commands.get_nowait()
+            while cmd is not None:  # None: stop() woke us
+                self._apply(cmd)
+                cmd = self.commands.get_nowait()
+        except queue.Empty:
+            pass
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            busy = self.llm.has_unfinished()
-            try:
-                cmd = self.commands.get(block=not busy, timeout=None if busy else 0.5)
-            except queue.Empty:
-                cmd = ...
-            while cmd is not ...:
-                if cmd is None:
-                    break
-                self._apply(cmd)
-                try:
-                    cmd = self.commands.get_nowait()
-                except queue.Empty:
-                    cmd = ...
-            if self._stop.is_set():
-                break
-            if not self.llm.has_unfinished():
-                continue
-            self._step()
+            self._drain(wait=not self.llm.has_unfinished())
+            if not self._stop.is_set() and self.llm.has_unfinished():
+                self._step()
         for rid in list(self.queues):
             self.llm.abort(rid)
         while self.llm.has_unfinished():
