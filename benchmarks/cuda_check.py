@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from glm45v_npu import LLM, SamplingParams
-from glm45v_npu.tiny_random import write_vl_checkpoint
+from glm45v_npu.testing.tiny_random import write_vl_checkpoint
 
 
 def requests():

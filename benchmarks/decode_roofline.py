@@ -9,7 +9,7 @@ import json
 
 from rich.console import Console
 
-from glm45v_npu.roofline import roofline, table
+from glm45v_npu.apps.roofline import roofline, table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

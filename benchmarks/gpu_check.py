@@ -23,7 +23,7 @@ import time
 import torch
 
 from glm45v_npu import platform
-from glm45v_npu.roofline import _timed, roofline
+from glm45v_npu.apps.roofline import _timed, roofline
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
@@ -61,9 +61,9 @@ def vision_times(device: torch.device, dtype: torch.dtype, side: int) -> dict:
     from PIL import Image
     from transformers import AutoConfig, Glm4vMoeForConditionalGeneration
 
-    from glm45v_npu.config import builtin_config, load_config
+    from glm45v_npu.inputs.processor import image_processor_class
+    from glm45v_npu.model.hf_config import builtin_config, load_config
     from glm45v_npu.model.vision import VisionTower
-    from glm45v_npu.processor import image_processor_class
 
     config = AutoConfig.from_pretrained(builtin_config("glm-4.5v").parent)
     config.text_config.num_hidden_layers = 1
@@ -90,7 +90,7 @@ def vision_times(device: torch.device, dtype: torch.dtype, side: int) -> dict:
 def end_to_end(layers: int, device: str | None, dtype: str, batch: int, input_len: int, output_len: int) -> dict:
     """glm45v bench's workload with dummy weights: inter-token latency and per-step host/device times."""
     from glm45v_npu import LLM
-    from glm45v_npu.bench import run_bench
+    from glm45v_npu.apps.bench import run_bench
 
     llm = LLM("glm-4.5v", load_format="dummy", num_layers=layers, device=device, dtype=dtype, max_num_seqs=batch)
     result = run_bench(llm, batch, input_len, output_len, 0, (448, 448))

@@ -9,7 +9,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]
 
-_WHERE = {"LLM": ".llm", "SamplingParams": ".sampling", "RequestOutput": ".outputs", "CompletionOutput": ".outputs",
+_WHERE = {"LLM": ".llm", "SamplingParams": ".sampling_params", "RequestOutput": ".outputs", "CompletionOutput": ".outputs",
           "Logprob": ".outputs", "EngineConfig": ".engine.config"}
 
 

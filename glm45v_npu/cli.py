@@ -9,7 +9,6 @@ import inspect
 import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from .engine.config import EngineConfig
@@ -153,7 +153,7 @@ def sampling_options(**defaults: Any):
 
     def deco(fn):
         def collect(values: dict) -> dict:
-            from .sampling import SamplingParams
+            from .sampling_params import SamplingParams
 
             given = {k: v for k, v in values.items() if v is not None}
             with _flag_errors():  # checked before the model loads
@@ -183,7 +183,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Glm45vError as e:
-            err.print(f"[red]error:[/red] {e}", markup=True)
+            err.print(Text.assemble(("error: ", "red"), str(e)))  # as text: messages may hold [brackets]
             raise typer.Exit(2) from None
 
     return wrapper
@@ -224,7 +224,7 @@ def main_options(
 ) -> None:
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
-        err.print(f"[red]error:[/red] --log-level {log_level}: expected debug, info, warning or error")
+        err.print(Text.assemble(("error: ", "red"), f"--log-level {log_level}: expected debug, info, warning or error"))
         raise typer.Exit(2)
     from rich.logging import RichHandler
 
@@ -236,10 +236,6 @@ def main_options(
 
 
 # --- chat --------------------------------------------------------------------------------------------------
-
-CHAT_HELP = ("/image PATH or /video PATH attaches it to the next turn; /reset clears the history; /exit quits; "
-             "/help")
-
 
 @app.command(cls=Command)
 @friendly
@@ -262,7 +258,8 @@ def chat(
     sampling: dict = None,
 ) -> None:
     """Chat with images, streaming the answer."""
-    from .caption import media_kind
+    from .apps.caption import media_kind
+    from .apps.chat import ChatSession, checked
 
     words = list(words or [])
     require(not (words and prompt is not None), "give the prompt either as --prompt or as an argument, not both")
@@ -271,123 +268,15 @@ def chat(
         image = [*(image or []), *(Path(w) for w in words[1:] if media_kind(w) == "image")]
         video = [*(video or []), *(Path(w) for w in words[1:] if media_kind(w) == "video")]
     # fail on a bad file before loading the model
-    pending = [_checked("image", p) for p in image or []] + [_checked("video", p) for p in video or []]
+    pending = [checked("image", p) for p in image or []] + [checked("video", p) for p in video or []]
     llm = _llm(engine)
-    params = llm.engine.default_sampling_params(**sampling)
-    history: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-
-    def turn(text: str) -> dict:
-        content = [{"type": kind, kind: path} for kind, path in pending] + [{"type": "text", "text": text}]
-        history.append({"role": "user", "content": content})
-        result = _stream_turn(llm, history, params, think, quiet=as_json, one_shot=prompt is not None)
-        history.append({"role": "assistant", "content": result["answer"]})
-        pending.clear()
-        return result
-
+    session = ChatSession(llm, llm.engine.default_sampling_params(**sampling), system_prompt, think, as_json,
+                          one_shot=prompt is not None, out=out, err=err)
+    session.pending = pending
     if prompt is not None:
-        result = turn(prompt)
-        if as_json:
-            print(json.dumps(result, ensure_ascii=False))
-        return
-    err.print(f"[dim]{CHAT_HELP}[/dim]")
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            break
-        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; /exit or Ctrl-D leaves
-            err.print()
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/help":
-            err.print(CHAT_HELP)
-        elif line == "/reset":
-            del history[1 if system_prompt else 0 :]
-            pending.clear()
-            err.print("[dim]history cleared[/dim]")
-        elif line.startswith(("/image", "/video")):
-            kind, path = line[1:6], line[6:].strip()
-            try:
-                pending.append(_checked(kind, path))
-                err.print(f"[dim]attached {path} to the next turn[/dim]")
-            except Glm45vError as e:
-                err.print(f"[red]error:[/red] {e}")
-        elif line.startswith("/"):
-            err.print(f"[red]unknown command {line.split()[0]}[/red]; {CHAT_HELP}")
-        else:
-            try:
-                result = turn(line)
-            except Glm45vError as e:  # e.g. the history no longer fits the context: the session goes on
-                history.pop()
-                err.print(f"[red]error:[/red] {e}")
-                continue
-            if as_json:
-                print(json.dumps(result, ensure_ascii=False))
-
-
-def _checked(kind: str, path) -> tuple[str, str]:
-    """(kind, path), once the file opens as an image or a video (the request carries the path, so later errors
-    name it too)."""
-    if kind == "image":
-        from .processor import open_image
-
-        open_image(str(path))
+        session.turn(prompt)
     else:
-        from .video import check_video
-
-        check_video(str(path))
-    return kind, str(path)
-
-
-def _stream_turn(llm, messages, params, thinking, quiet: bool, one_shot: bool) -> dict:
-    """Stream one answer: reasoning dim (stderr when one-shot, so stdout pipes the answer), boxes highlighted.
-    Ctrl-C stops this answer, not the session."""
-    from .answer import StreamSplitter, parse_answer
-
-    splitter = StreamSplitter()
-    styles = {"reasoning": "dim", "answer": "", "box": "bold cyan"}
-    rid = llm.add_request({"messages": list(messages)}, replace(params, n=1, output_kind="delta"),
-                          enable_thinking=thinking)
-
-    def show(pieces):
-        if quiet:
-            return
-        for kind, text in pieces:
-            console = err if (one_shot and kind == "reasoning") else out
-            console.print(text, style=styles[kind], end="", markup=False)
-
-    raw, tokens, final, stopped = [], 0, None, False
-    try:
-        while final is None:
-            for o in llm.step():
-                if o.request_id != rid:
-                    continue
-                piece = o.outputs[0]
-                raw.append(piece.text)
-                tokens += len(piece.token_ids)
-                show(splitter.feed(piece.text))
-                if o.finished:
-                    final = o
-    except KeyboardInterrupt:
-        stopped = True
-        llm.abort(rid)
-    show(splitter.flush())
-    if not quiet:
-        out.print()
-        if stopped:
-            err.print("[dim](stopped)[/dim]")
-    parsed = parse_answer("".join(raw))
-    prompt_tokens = len(final.prompt_token_ids) if final else None
-    return {"answer": parsed.answer, "reasoning": parsed.reasoning, "boxes": parsed.boxes, "raw": parsed.raw,
-            "finish_reason": "abort" if stopped else final.outputs[0].finish_reason,
-            "prompt_tokens": prompt_tokens, "completion_tokens": tokens}
-
-
-# --- bench -------------------------------------------------------------------------------------------------
+        session.loop()
 
 
 @app.command(cls=Command)
@@ -416,7 +305,7 @@ def bench(
     engine: EngineConfig = None,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
-    from .bench import parse_size, run_bench, run_bench_http, table
+    from .apps.bench import parse_size, run_bench, run_bench_http, table
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
     if url:
@@ -427,7 +316,7 @@ def bench(
                                 parse_size(image_size), concurrency or batch, request_rate)
         return _show(result, table, as_json)
     if roofline:
-        from . import roofline as rl
+        from .apps import roofline as rl
 
         result = rl.roofline(engine.model, engine.num_layers or 4, tuple(sorted({1, batch})), input_len,
                              engine.device, engine.dtype)
@@ -472,7 +361,7 @@ def caption(
     sampling: dict = None,
 ) -> None:
     """Caption many images with continuous batching; resumable JSONL output."""
-    from .caption import collect_inputs, run_caption
+    from .apps.caption import collect_inputs, run_caption
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
     paths = collect_inputs(inputs, recursive)
@@ -510,8 +399,9 @@ def serve(
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
     import uvicorn
 
-    from .server.app import ServeConfig, build_app
-    from .server.media import MediaPolicy
+    from .server.app import build_app
+    from .server.media_policy import MediaPolicy
+    from .server.state import ServeConfig
 
     require(1 <= port <= 65535, f"--port {port}: expected 1..65535")
     require(max_waiting is None or max_waiting >= 1, f"--max-waiting {max_waiting}: must be >= 1")
@@ -558,7 +448,7 @@ def info(
                                                 help="whole experts per device, or split experts")] = True,
 ) -> None:
     """Devices, backend, versions, kernel paths, a model summary and its per-device memory plan."""
-    from .info import render_info
+    from .apps.info import render_info
 
     out.print(render_info(model, device, None if dtype == "auto" else dtype, tensor_parallel_size,
                           enable_expert_parallel, revision))

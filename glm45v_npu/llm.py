@@ -15,10 +15,10 @@ import torch
 
 from .engine.config import EngineConfig
 from .engine.engine import Engine, EngineStats
+from .engine.progress import ProgressBar
 from .errors import Glm45vError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .progress import ProgressBar
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 log = logging.getLogger("glm45v_npu")
 

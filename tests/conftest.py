@@ -8,8 +8,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from glm45v_npu.config import load_config  # noqa: E402
 from glm45v_npu.model.glm4v_moe import load_model  # noqa: E402
+from glm45v_npu.model.hf_config import load_config  # noqa: E402
 from tests.tiny import VL_VARIANTS, make_text_checkpoint, make_vl_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)

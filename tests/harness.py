@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from glm45v_npu.engine.runner import ModelRunner, StepInputs
-from glm45v_npu.processor import mrope_positions, num_image_tokens, preprocess_images
+from glm45v_npu.inputs.mrope import mrope_positions, num_image_tokens
+from glm45v_npu.inputs.processor import preprocess_images
 from tests.tiny import IMAGE_END, IMAGE_START, IMAGE_TOKEN, TEXT_TOKENS, image_processor
 
 
@@ -50,7 +51,7 @@ class PagedRunner:
                     if ids[i] == m.cfg.image_token_id]
             last = done + n >= len(ids)
             inputs = StepInputs(ids[done : done + n], positions[:, done : done + n], [n], [done + n], [list(table)],
-                                list(range(n)), encode=encode, image_rows=rows, release=[0] if last else [])
+                                list(range(n)), encode=encode, image_rows=rows, drop_images=[0] if last else [])
             out.append(self.runner.execute(inputs))
             encode = []
             done += n

@@ -145,7 +145,7 @@ def test_renamed_flags_and_their_old_forms(env):
 
 @pytest.mark.slow
 def test_chat_with_videos(env, tmp_path):
-    from glm45v_npu.video import write_test_video
+    from glm45v_npu.inputs.video import write_test_video
 
     clip = write_test_video(tmp_path / "clip.mp4", 1.5, size=(64, 48))
     a = _chat(env, "--video", clip, "-p", "what moves?", "--json", "--max-tokens", 3, "--temperature", 0)

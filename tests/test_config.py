@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from glm45v_npu.config import builtin_config, load_config, parse_config
 from glm45v_npu.errors import ConfigError
+from glm45v_npu.model.hf_config import builtin_config, load_config, parse_config
 
 
 def _real():

@@ -166,7 +166,7 @@ def test_random_run_returns_every_block(vl):
     assert stats.preemptions > 0 and stats.free_blocks == stats.num_blocks and stats.requests == 0
     assert all(r == 0 for r in engine.blocks.ref)
     assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert engine.runner.image_embeds == {} and not engine.runner.encoded and not engine.runner.pending_release
+    assert engine.runner.image_embeds == {} and not engine.runner.encoded and not engine.runner.pending_drops
 
 
 def first(out):

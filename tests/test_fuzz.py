@@ -15,7 +15,7 @@ from PIL import Image
 
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.errors import FieldError, Glm45vError
-from glm45v_npu.processor import Processor
+from glm45v_npu.inputs.processor import Processor
 from tests.tiny import IMAGE_TOKEN, TEXT_TOKENS, make_vl_checkpoint, random_image
 
 
@@ -94,7 +94,7 @@ def _image_zoo(d: Path) -> dict[str, Path]:
 def test_image_zoo_gives_answers_or_one_line_errors(ckpt, tmp_path, capsys):
     zoo = _image_zoo(tmp_path)
     assert len(zoo) >= 20
-    proc = Processor(ckpt, __import__("glm45v_npu.config", fromlist=["load_config"]).load_config(ckpt))
+    proc = Processor(ckpt, __import__("glm45v_npu.model.hf_config", fromlist=["load_config"]).load_config(ckpt))
     ok, errors = [], []
     for kind, path in zoo.items():
         try:
@@ -118,7 +118,7 @@ def test_caption_run_over_the_zoo_writes_one_line_per_file(ckpt, tmp_path):
 
     from rich.console import Console
 
-    from glm45v_npu.caption import collect_inputs, run_caption
+    from glm45v_npu.apps.caption import collect_inputs, run_caption
 
     _image_zoo(tmp_path)
     llm = LLM(ckpt, block_size=4, kv_cache_gib=0.002)
@@ -179,7 +179,7 @@ def _random_content(rng: random.Random, image: Image.Image):
 
 
 def test_request_fuzz_gives_validation_errors_only(ckpt, capsys):
-    from glm45v_npu.config import load_config
+    from glm45v_npu.model.hf_config import load_config
 
     proc = Processor(ckpt, load_config(ckpt))
     rng = random.Random(2)
@@ -265,7 +265,7 @@ def test_soak_500_requests_with_aborts_and_failing_steps(ckpt, monkeypatch, caps
         stats = llm.stats()
         assert stats.free_blocks == stats.num_blocks and stats.requests == 0 and stats.running == stats.waiting == 0
         assert all(r == 0 for r in engine.blocks.ref)
-        assert engine.runner.image_embeds == {} and not engine.runner.encoded and not engine.runner.pending_release
+        assert engine.runner.image_embeds == {} and not engine.runner.encoded and not engine.runner.pending_drops
         return finals, aborted, stats.preemptions, failures["n"]
 
     calm, _, _, _ = run(chaos=False)

@@ -146,7 +146,8 @@ def test_kv_budget_from_free_memory_minus_a_warmup_with_the_largest_image(ckpt, 
     """On a CPU with the accelerator's memory queries faked: the budget is usable memory minus what is in use
     after loading minus the warm-up peak, and the warm-up ran the largest image, the largest prefill and the
     sampler over max_num_seqs rows."""
-    from glm45v_npu import parallel, platform
+    from glm45v_npu import platform
+    from glm45v_npu.engine.memory import WarmupStep, accelerator_kv_budget
     from glm45v_npu.engine.runner import ModelRunner
 
     gib = 2**30
@@ -166,16 +167,15 @@ def test_kv_budget_from_free_memory_minus_a_warmup_with_the_largest_image(ckpt, 
 
     monkeypatch.setattr(ModelRunner, "execute", spy)
     config = EngineConfig(model=str(ckpt), max_num_seqs=5, max_num_batched_tokens=40, gpu_memory_utilization=0.5)
-    from glm45v_npu.config import load_config
+    from glm45v_npu.inputs.processor import Processor
     from glm45v_npu.model.glm4v_moe import load_model
-    from glm45v_npu.processor import Processor
+    from glm45v_npu.model.hf_config import load_config
 
     cfg = load_config(ckpt)
     patches = Processor(ckpt, cfg).max_image_patches
-    spec = parallel.RankSpec(config, str(ckpt), cfg, torch.float32, "cpu", 1, max_image_patches=patches)
     model = load_model(ckpt, cfg, torch.float32, "cpu")
     with caplog.at_level(logging.INFO, logger="glm45v_npu"):
-        budget = parallel.accelerator_kv_budget(model, spec, torch.device("cpu"))
+        budget = accelerator_kv_budget(model, config, WarmupStep.of(config, cfg, patches), torch.device("cpu"))
     assert budget == 0.5 * 80 * gib - (80 - 30) * gib - 3 * gib
     (grid, shape), = seen["encode"]
     assert grid[1] * grid[2] <= patches < (grid[1] + 2) * (grid[2] + 2) and shape[0] == grid[1] * grid[2]
@@ -201,11 +201,11 @@ def test_prefix_hits_count_each_admission_once(ckpt):
 
 
 def test_dummy_weights_are_seeded_by_tensor_name():
-    from glm45v_npu.config import load_config
-    from glm45v_npu.distributed import Layout
-    from glm45v_npu.hub import resolve_model
     from glm45v_npu.model.glm4v_moe import build_model
+    from glm45v_npu.model.hf_config import load_config
+    from glm45v_npu.model.hub import resolve_model
     from glm45v_npu.model.loader import init_dummy_weights
+    from glm45v_npu.parallel.layout import Layout
 
     cfg = load_config(resolve_model("tiny-random")[0])
     models = []
@@ -253,7 +253,7 @@ def test_hub_failures_are_told_apart(monkeypatch, kind, message):
         RevisionNotFoundError,
     )
 
-    from glm45v_npu.hub import resolve_model
+    from glm45v_npu.model.hub import resolve_model
 
     error = {"gated": lambda: _http_error(GatedRepoError, 403), "missing": lambda: _http_error(RepositoryNotFoundError, 404),
              "revision": lambda: _http_error(RevisionNotFoundError, 404), "auth": lambda: _http_error(HfHubHTTPError, 401),
@@ -275,8 +275,8 @@ def test_hub_failures_are_told_apart(monkeypatch, kind, message):
 def test_attention_reads_a_cache_larger_than_2_to_the_31_elements():
     """A bf16 cache of 2^31 + elements per tensor, allocated lazily (only the pages touched become memory): the
     Triton kernels must read blocks whose element offsets pass 2^31, where int32 offsets wrap."""
-    from glm45v_npu.context import ForwardContext
     from glm45v_npu.kernels.paged_attention import paged_attention_torch, paged_attention_triton
+    from glm45v_npu.model.context import ForwardContext
 
     nkv, hd, bs = 1, 128, 16
     num_blocks = 2**31 // (bs * nkv * hd) + 64  # past 2^31 elements
@@ -316,8 +316,8 @@ def test_info_on_a_hub_id_fetches_config_files_only(monkeypatch, tmp_path):
 
     import huggingface_hub
 
-    from glm45v_npu.config import builtin_config
-    from glm45v_npu.info import render_info
+    from glm45v_npu.apps.info import render_info
+    from glm45v_npu.model.hf_config import builtin_config
 
     asked = {}
 

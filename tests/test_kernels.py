@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from glm45v_npu.context import ForwardContext
+from glm45v_npu.kernels import ops
 from glm45v_npu.kernels.fused_moe import fused_moe_torch, fused_moe_triton
 from glm45v_npu.kernels.kv_cache import store_kv_torch, store_kv_triton
 from glm45v_npu.kernels.paged_attention import paged_attention_torch, paged_attention_triton
 from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
+from glm45v_npu.model.context import ForwardContext
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -50,16 +51,14 @@ def kernels(request, monkeypatch):
     (4, 6, 2, 24, 12),      # head_dim not a power of two
 ])
 def test_split_qkv_rmsnorm_rope(kernels, dtype, norm, q_bias, k_bias, T, nq, nkv, hd, rd):
-    """The seed's op by its own name, on the implementation the dispatch picks, against the float64 twin."""
-    from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope
-
+    """The fused decode op on the implementation the dispatch picks, against the float64 twin."""
     qkv = _rand(T, (nq + 2 * nkv) * hd, dtype=dtype, scale=2.0)
     angles = _rand(T, rd // 2, scale=3.0, seed=1).float()
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     args = [1e-5 if norm else None, _rand(hd, dtype=dtype, seed=2) if norm else None,
             _rand(hd, dtype=dtype, seed=3) if norm else None, _rand(hd, dtype=dtype, seed=4) if q_bias else None,
             _rand(hd, dtype=dtype, seed=5) if k_bias else None]
-    got = split_qkv_rmsnorm_rope(qkv, sin, cos, nq * hd, nkv * hd, hd, *args)
+    got = ops.impl("split_qkv_rmsnorm_rope", qkv.device)(qkv, sin, cos, nq * hd, nkv * hd, hd, *args)
     want = split_qkv_rmsnorm_rope_torch(*_f64([qkv, sin, cos]), nq * hd, nkv * hd, hd, *_f64(args))
     for g, w in zip(got, want):
         assert g.is_contiguous() and g.dtype == dtype

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glm45v_npu.config import load_config
 from glm45v_npu.errors import CheckpointError
 from glm45v_npu.model.glm4v_moe import load_model
+from glm45v_npu.model.hf_config import load_config
 from tests.harness import PagedRunner, build_prompt, reference_logits, rel_err, spy_on_reads
 from tests.tiny import make_text_checkpoint, make_vl_checkpoint
 

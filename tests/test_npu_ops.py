@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from glm45v_npu import platform
-from glm45v_npu.context import ForwardContext
 from glm45v_npu.kernels import npu_ops, ops
 from glm45v_npu.kernels.fused_moe import fused_moe_torch
 from glm45v_npu.kernels.kv_cache import store_kv_torch
 from glm45v_npu.kernels.paged_attention import paged_attention_torch
 from glm45v_npu.kernels.reference import apply_rope, rms_norm
 from glm45v_npu.kernels.router import route_torch
+from glm45v_npu.model.context import ForwardContext
 from tests.fake_torch_npu import FakeTorchNpu
 
 

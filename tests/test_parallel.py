@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from glm45v_npu import LLM, SamplingParams
-from glm45v_npu.config import load_config
-from glm45v_npu.distributed import Layout
 from glm45v_npu.errors import Glm45vError
 from glm45v_npu.model.glm4v_moe import load_model
+from glm45v_npu.model.hf_config import load_config
+from glm45v_npu.parallel.layout import Layout
 from tests.harness import spy_on_reads
 from tests.tiny import IMAGE_TOKEN, make_vl_checkpoint, random_image
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from glm45v_npu.answer import StreamSplitter, parse_answer
-from glm45v_npu.config import load_config
+from glm45v_npu.engine.answer import StreamSplitter, parse_answer
 from glm45v_npu.errors import Glm45vError
-from glm45v_npu.processor import Processor, open_image
-from glm45v_npu.tiny_random import write_vl_checkpoint
+from glm45v_npu.inputs.media import open_image
+from glm45v_npu.inputs.processor import Processor
+from glm45v_npu.model.hf_config import load_config
+from glm45v_npu.testing.tiny_random import write_vl_checkpoint
 from tests.tiny import random_image
 
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from glm45v_npu.detokenizer import IncrementalDetokenizer
+from glm45v_npu.engine.detokenizer import IncrementalDetokenizer
+from glm45v_npu.engine.sampler import Sampler, filtered_probs
 from glm45v_npu.errors import Glm45vError
-from glm45v_npu.sampling import Sampler, SamplingParams, filtered_probs
+from glm45v_npu.sampling_params import SamplingParams
 
 PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 LOGITS = PROBS.log()
@@ -93,7 +94,7 @@ def test_bad_params_are_named(bad):
 def test_incremental_detokenizer_is_utf8_safe(tmp_path):
     from transformers import AutoTokenizer
 
-    from glm45v_npu.tiny_random import save_tokenizer
+    from glm45v_npu.testing.tiny_random import save_tokenizer
 
     save_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)

@@ -19,11 +19,12 @@ import pytest
 import uvicorn
 
 from glm45v_npu import LLM, SamplingParams
-from glm45v_npu.distributed import free_port
-from glm45v_npu.sampling import Sampled
-from glm45v_npu.server.app import ServeConfig, build_app
-from glm45v_npu.server.media import MediaPolicy
-from glm45v_npu.tiny_random import TOKEN_IDS
+from glm45v_npu.engine.sampler import Sampled
+from glm45v_npu.parallel.layout import free_port
+from glm45v_npu.server.app import build_app
+from glm45v_npu.server.media_policy import MediaPolicy
+from glm45v_npu.server.state import ServeConfig
+from glm45v_npu.testing.tiny_random import TOKEN_IDS
 from tests.tiny import make_vl_checkpoint, random_image
 
 KEY = "test-key"
@@ -302,7 +303,7 @@ def test_sigterm_during_streaming_exits_cleanly(tmp_path):
 
 
 def test_bench_through_the_server(server):
-    from glm45v_npu.bench import run_bench_http
+    from glm45v_npu.apps.bench import run_bench_http
 
     r = run_bench_http(server.url, KEY, batch=6, input_len=8, output_len=5, images=1, size=(56, 56), concurrency=3,
                        rate=50.0)
@@ -313,7 +314,7 @@ def test_bench_through_the_server(server):
 
 
 def test_chat_with_a_video_url(client, tmp_path):
-    from glm45v_npu.video import write_test_video
+    from glm45v_npu.inputs.video import write_test_video
 
     clip = write_test_video(tmp_path / "clip.mp4", 1.0, size=(64, 48))
     uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()

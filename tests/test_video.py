@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from glm45v_npu import LLM, SamplingParams
-from glm45v_npu.config import load_config
 from glm45v_npu.errors import Glm45vError
-from glm45v_npu.processor import Processor
-from glm45v_npu.video import load_video_config, read_video, write_test_video
+from glm45v_npu.inputs.processor import Processor
+from glm45v_npu.inputs.video import load_video_config, read_video, write_test_video
+from glm45v_npu.model.hf_config import load_config
 from tests.tiny import IMAGE_TOKEN, image_processor, make_vl_checkpoint, random_image
 
 
@@ -129,7 +129,7 @@ def _transformers_glm46v_sampler():
 def test_glm46v_frame_rule_equals_transformers(seconds, fps):
     from transformers.video_utils import VideoMetadata
 
-    from glm45v_npu.video import glm46v_frame_indices
+    from glm45v_npu.inputs.video import glm46v_frame_indices
 
     sample = _transformers_glm46v_sampler()
     total = int(seconds * fps)
@@ -266,7 +266,7 @@ def bad_videos(tmp_path_factory, clips):
 
 
 def test_bad_videos_are_named(ckpt, bad_videos, monkeypatch):
-    from glm45v_npu import video as video_module
+    from glm45v_npu.inputs import video as video_module
 
     path, _ = ckpt
     cfg = load_video_config(path)
@@ -287,7 +287,7 @@ def test_bad_videos_are_named(ckpt, bad_videos, monkeypatch):
 def test_caption_over_a_folder_of_good_and_bad_videos(ckpt, bad_videos, tmp_path):
     from rich.console import Console
 
-    from glm45v_npu.caption import collect_inputs, run_caption
+    from glm45v_npu.apps.caption import collect_inputs, run_caption
 
     path, _ = ckpt
     d, *_ = bad_videos

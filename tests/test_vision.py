@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from glm45v_npu.processor import mrope_positions, preprocess_images
+from glm45v_npu.inputs.mrope import mrope_positions
+from glm45v_npu.inputs.processor import preprocess_images
 from tests.harness import build_prompt, rel_err
 from tests.tiny import IMAGE_TOKEN, image_processor, random_image
 

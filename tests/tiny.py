@@ -1,4 +1,4 @@
-"""Tiny checkpoint variants for the tests, written by transformers' save_pretrained (glm45v_npu.tiny_random)."""
+"""Tiny checkpoint variants for the tests, written by transformers' save_pretrained (testing/tiny_random.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from glm45v_npu.tiny_random import (
+from glm45v_npu.testing.tiny_random import (
     TEXT,
     TOKEN_IDS,
     image_processor,

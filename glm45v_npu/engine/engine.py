@@ -16,20 +16,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed, parallel, platform
-from ..config import load_config, with_num_layers
-from ..detokenizer import IncrementalDetokenizer
-from ..distributed import Layout
+from .. import platform
 from ..errors import Glm45vError
-from ..hub import resolve_model
+from ..inputs.processor import Processor, generation_defaults
+from ..model.glm4v_moe import check_layout
+from ..model.hf_config import load_config, with_num_layers
+from ..model.hub import resolve_model
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..processor import Processor, generation_defaults
-from ..sampling import Sampled, Sampler, SamplingParams
+from ..parallel.cluster import Cluster
+from ..parallel.layout import Layout, env_layout
+from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .memory import check_fits
 from .runner import StepPlan
+from .sampler import Sampled, Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .worker import RankSpec, build_rank, rank_device, worker_main
 
 log = logging.getLogger("glm45v_npu")
 _request_ids = itertools.count()
@@ -85,27 +90,27 @@ class Engine:
         if weightless and config.load_format != "dummy":
             raise Glm45vError(f"--model {config.model}: a built-in config has no weights; add --load-format dummy")
         self.model_config = cfg = with_num_layers(load_config(path), config.num_layers)
-        torchrun = distributed.env_layout()
+        torchrun = env_layout()
         world = torchrun.world if torchrun else config.tensor_parallel_size
         layout = Layout(torchrun.rank if torchrun else 0, world, config.enable_expert_parallel)
-        layout.check(cfg)  # a clear error before any process starts
-        self.device = parallel.rank_device(platform.pick_device(config.device).type, layout.rank)
+        check_layout(cfg, layout)  # a clear error before any process starts
+        self.device = rank_device(platform.pick_device(config.device).type, layout.rank)
         self.dtype = platform.pick_dtype(config.dtype, self.device)
         limit = cfg.text.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise Glm45vError(f"max_model_len={config.max_model_len}: the model's context is {limit} tokens "
                               f"(max_position_embeddings in {cfg.source})")
         self.max_model_len = config.max_model_len or limit
-        self.weight_bytes_per_rank = parallel.check_fits(cfg, layout, self.dtype, self.device,
+        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device,
                                                          config.gpu_memory_utilization)
         self.processor = Processor(path, cfg, config.max_pixels, config.limit_mm_per_prompt,
                                    config.mm_processor_kwargs)
         self.sampling_defaults = generation_defaults(path) if config.generation_config == "auto" else {}
-        spec = parallel.RankSpec(config, str(path), cfg, self.dtype, self.device.type, world,
+        spec = RankSpec(config, str(path), cfg, self.dtype, self.device.type, world,
                                  max_image_patches=self.processor.max_image_patches)
-        self.cluster = parallel.Cluster(spec, layout, self.device, torchrun is not None)
+        self.cluster = Cluster(layout, self.device, torchrun is not None, config.dist_timeout_s, worker_main, spec)
         with self.cluster.collective():
-            _, self.runner, num_blocks, per_block = parallel.build_rank(spec, layout, self.device, progress=True)
+            _, self.runner, num_blocks, per_block = build_rank(spec, layout, self.device, progress=True)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
@@ -182,8 +187,8 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """Requests to run or to report, or state of finished ones that the next step clears."""
-        return (self.scheduler.has_work() or bool(self._dirty) or self.scheduler.has_released()
-                or bool(self.runner.pending_release))
+        return (self.scheduler.has_work() or bool(self._dirty) or self.scheduler.has_retired()
+                or bool(self.runner.pending_drops))
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -201,19 +206,19 @@ class Engine:
         if self.cluster.broken:
             raise Glm45vError(self.cluster.broken)
         t0 = time.perf_counter()
-        for seq_id in self.scheduler.take_released():
+        for seq_id in self.scheduler.take_retired():
             self.runner.forget(seq_id)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_work():
                 raise Glm45vError(f"the scheduler cannot place any of {len(self.scheduler.waiting)} waiting "
                                   "request(s) although nothing runs (a bug: please report it)")
-            release = self.runner.release_only()
-            if release is not None:
+            drop = self.runner.drop_only()
+            if drop is not None:
                 with self.cluster.collective():
-                    self.cluster.send(release)
-                    self.runner.execute(release)
-                self.runner.pending_release.difference_update(release.release)
+                    self.cluster.send(drop)
+                    self.runner.execute(drop)
+                self.runner.pending_drops.difference_update(drop.drop_images)
             return self._emit()
         plan = self.runner.prepare(batch)
         t1 = time.perf_counter()

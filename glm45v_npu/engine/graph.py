@@ -15,8 +15,8 @@ import logging
 import torch
 
 from .. import platform
-from ..context import ForwardContext, block_table_tensor, slot_mapping
 from ..kernels.metadata import AttentionMetadata
+from ..model.context import ForwardContext, block_table_tensor, slot_mapping
 
 log = logging.getLogger("glm45v_npu")
 

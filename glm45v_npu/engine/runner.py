@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..context import ForwardContext
+from ..model.context import ForwardContext
 from .graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -29,7 +29,7 @@ class StepInputs:
     sample_rows: list[int]  # flat index of each sampling sequence's last token
     encode: list[tuple[int, list[torch.Tensor], list[tuple[int, int, int]]]] = field(default_factory=list)
     image_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # seq, src row, dst row, count
-    release: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
+    drop_images: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
 
 
 @dataclass
@@ -50,7 +50,7 @@ def allocate_kv_cache(model, num_blocks: int, block_size: int, device: torch.dev
         layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
 
-def release_kv_cache(model) -> None:
+def drop_kv_cache(model) -> None:
     for layer in model.attention_layers():
         layer.k_cache = layer.v_cache = torch.empty(0)
 
@@ -60,7 +60,7 @@ class ModelRunner:
         self.model, self.block_size, self.device = model, block_size, device
         self.image_embeds: dict[int, torch.Tensor] = {}  # vision output per sequence until its prompt is in
         self.encoded: set[int] = set()  # rank 0: sequences whose vision output every rank holds
-        self.pending_release: set[int] = set()
+        self.pending_drops: set[int] = set()  # sequences whose image embeddings every rank drops next
         self.graphs: DecodeGraphs | None = None
         allocate_kv_cache(model, num_blocks, block_size, device, dtype)
 
@@ -98,12 +98,12 @@ class ModelRunner:
                 samplers.append(s)
                 sample_rows.append(offset - 1)
         encoded = [e[0] for e in encode]
-        release = (self.pending_release | set(images_done)) - (set(encoded) - set(images_done))
+        drops = (self.pending_drops | set(images_done)) - (set(encoded) - set(images_done))
         inputs = StepInputs(
             token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
             block_tables=[list(s.block_table) for s in batch.seqs], sample_rows=sample_rows,
-            encode=encode, image_rows=rows, release=sorted(release),
+            encode=encode, image_rows=rows, drop_images=sorted(drops),
         )
         return StepPlan(inputs, batch, samplers, encoded, images_done)
 
@@ -113,19 +113,19 @@ class ModelRunner:
             s.num_computed += n
         self.encoded.update(plan.encoded)
         self.encoded.difference_update(plan.images_done)
-        self.pending_release.difference_update(plan.inputs.release, plan.encoded)
+        self.pending_drops.difference_update(plan.inputs.drop_images, plan.encoded)
 
     def forget(self, seq_id: int) -> None:
         """A preempted or finished sequence: drop any vision output it may have (also one a failed step left)
         on every rank with the next step; a preempted one is encoded again when it comes back."""
         self.encoded.discard(seq_id)
-        self.pending_release.add(seq_id)
+        self.pending_drops.add(seq_id)
 
-    def release_only(self) -> StepInputs | None:
-        """With nothing to schedule, a step that only drops released vision outputs on every rank."""
-        if not self.pending_release:
+    def drop_only(self) -> StepInputs | None:
+        """With nothing to schedule, a step that only drops vision outputs on every rank."""
+        if not self.pending_drops:
             return None
-        return StepInputs([], torch.zeros(3, 0, dtype=torch.long), [], [], [], [], release=sorted(self.pending_release))
+        return StepInputs([], torch.zeros(3, 0, dtype=torch.long), [], [], [], [], drop_images=sorted(self.pending_drops))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor:
@@ -137,13 +137,13 @@ class ModelRunner:
         B = len(inp.query_lens)
         if (self.graphs is not None and B and self.graphs.fits(B) and len(inp.token_ids) == B
                 and not inp.image_rows and inp.sample_rows == list(range(B))):  # a plain decode step
-            self._release(inp.release)
+            self._drop_images(inp.drop_images)
             bucket = self.graphs.load(inp.token_ids, inp.positions, inp.context_lens, inp.block_tables)
             return self.graphs.run(bucket)[:B]
         embeds = m.embed(torch.tensor(inp.token_ids, dtype=torch.long, device=self.device))
         for seq_id, src, dst, count in inp.image_rows:
             embeds[dst : dst + count] = self.image_embeds[seq_id][src : src + count].to(embeds.dtype)
-        self._release(inp.release)
+        self._drop_images(inp.drop_images)
         if not inp.token_ids:
             return embeds.new_zeros(0)
         ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
@@ -152,6 +152,6 @@ class ModelRunner:
             return hidden.new_zeros(0)
         return m.logits(hidden[torch.tensor(inp.sample_rows, device=self.device)])
 
-    def _release(self, seq_ids: list[int]) -> None:
+    def _drop_images(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self.image_embeds.pop(seq_id, None)

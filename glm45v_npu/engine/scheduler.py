@@ -27,7 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
-        self._released: list[int] = []  # preempted or finished since the last step: the runner drops their state
+        self._retired: list[int] = []  # preempted or finished since the last step: the runner drops their state
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -35,12 +35,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def has_released(self) -> bool:
-        return bool(self._released)
+    def has_retired(self) -> bool:
+        return bool(self._retired)
 
-    def take_released(self) -> list[int]:
+    def take_retired(self) -> list[int]:
         """Sequences preempted or finished since the last call."""
-        out, self._released = self._released, []
+        out, self._retired = self._retired, []
         return out
 
     def schedule(self) -> ScheduledBatch:
@@ -85,7 +85,7 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        self._released.append(seq.seq_id)
+        self._retired.append(seq.seq_id)
         self.preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -97,4 +97,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq)
-        self._released.append(seq.seq_id)
+        self._retired.append(seq.seq_id)

@@ -9,7 +9,8 @@ from enum import Enum, auto
 
 import torch
 
-from ..sampling import SamplingParams
+from ..inputs.processor import ImageSpan
+from ..sampling_params import SamplingParams
 
 _ids = itertools.count()
 
@@ -18,17 +19,6 @@ class Status(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
-
-
-@dataclass
-class ImageSpan:
-    """An image's run of placeholder tokens [start, end) in the prompt, its content hash and model inputs."""
-
-    start: int
-    end: int
-    digest: bytes
-    pixels: torch.Tensor
-    grid: tuple[int, int, int]
 
 
 @dataclass(eq=False)  # identity: the scheduler looks sequences up in its queues

@@ -1,8 +1,8 @@
 """The conditional fused decode op: split a fused qkv projection into q, k, v; RMSNorm each q/k head only when
 the checkpoint has QK norm (eps given); rotary on the first rotary_dim lanes of q and k.
 
-`split_qkv_rmsnorm_rope(...)` picks the device's implementation; `split_qkv_rmsnorm_rope_torch` is the portable
-twin (and the CPU path); the Triton kernel shares its signature.
+`split_qkv_rmsnorm_rope_torch` is the portable twin (and the CPU path); the Triton kernel shares its signature;
+ops.py picks one per device (ops.impl("split_qkv_rmsnorm_rope", device)).
 """
 
 from __future__ import annotations
@@ -12,28 +12,6 @@ from collections.abc import Callable
 import torch
 
 from .reference import apply_rope, rms_norm
-
-
-def split_qkv_rmsnorm_rope(
-    qkv: torch.Tensor,
-    sin: torch.Tensor,
-    cos: torch.Tensor,
-    q_size: int,
-    kv_size: int,
-    head_dim: int,
-    eps: float | None = None,
-    q_weight: torch.Tensor | None = None,
-    k_weight: torch.Tensor | None = None,
-    q_bias: torch.Tensor | None = None,
-    k_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [T, q_size + 2 kv_size]; sin, cos [T, rotary_dim] -> q [T, q_size], k, v [T, kv_size], contiguous.
-    With eps None every norm argument is ignored and no norm is applied (GLM-4.5V); with eps, q and k heads are
-    RMS-normalised, then scaled by q_weight / k_weight and shifted by q_bias / k_bias where given."""
-    from . import ops
-
-    return ops.impl("split_qkv_rmsnorm_rope", qkv.device)(qkv, sin, cos, q_size, kv_size, head_dim, eps,
-                                                           q_weight, k_weight, q_bias, k_bias)
 
 
 def split_qkv_rmsnorm_rope_torch(
@@ -52,7 +30,10 @@ def split_qkv_rmsnorm_rope_torch(
     norm: Callable = rms_norm,
     rope: Callable = apply_rope,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`norm` and `rope` default to the reference math; prefill passes the device's own ops (ops.split_qkv_plain)."""
+    """qkv [T, q_size + 2 kv_size]; sin, cos [T, rotary_dim] -> q [T, q_size], k, v [T, kv_size], contiguous.
+    With eps None every norm argument is ignored and no norm is applied (GLM-4.5V); with eps, q and k heads are
+    RMS-normalised, then scaled by q_weight / k_weight and shifted by q_bias / k_bias where given. `norm` and
+    `rope` default to the reference math; prefill passes the device's own ops (ops.split_qkv_plain)."""
     T = qkv.shape[0]
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.reshape(T, -1, head_dim)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TextConfig
-from ..context import ForwardContext
-from ..distributed import SINGLE, Layout
 from ..kernels import ops
+from ..parallel.layout import SINGLE, Layout
+from .context import ForwardContext
+from .hf_config import TextConfig
 from .layers import Linear, RMSNorm
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TextConfig
-from ..context import ForwardContext
-from ..distributed import SINGLE, Layout, all_reduce
+from ..parallel.layout import SINGLE, Layout, all_reduce
 from .attention import Attention
+from .context import ForwardContext
+from .hf_config import TextConfig
 from .layers import Embedding, RMSNorm, SwiGLU
 from .moe import MoE
 from .rope import MRotaryEmbedding

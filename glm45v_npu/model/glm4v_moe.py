@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..context import ForwardContext
-from ..distributed import SINGLE, Layout, all_gather_last, all_reduce
+from ..parallel.layout import SINGLE, Layout, all_gather_last, all_reduce
+from .context import ForwardContext
 from .decoder import TextModel
+from .hf_config import ModelConfig
 from .layers import Linear
 from .vision import VisionTower
 
@@ -20,7 +20,7 @@ class Glm4vMoe(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layout: Layout = SINGLE):
         super().__init__()
-        layout.check(cfg)
+        check_layout(cfg, layout)
         self.cfg, self.layout = cfg, layout
         self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
         self.language_model = TextModel(cfg.text, layout, cfg.source)
@@ -52,10 +52,23 @@ class Glm4vMoe(nn.Module):
     def attention_layers(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.language_model.layers]
 
-    def load_weights(self, path: str | Path, progress: bool = False) -> None:
+    def load_weights(self, path: str | Path, progress=None) -> None:
         from .loader import load_checkpoint
 
         load_checkpoint(self, path, progress=progress)
+
+
+def check_layout(cfg: ModelConfig, layout: Layout) -> None:
+    """A clear error, before anything is built or started, when the model does not split over layout.world ranks."""
+    t, src = cfg.text, cfg.source
+    layout.even(t.num_attention_heads, "num_attention_heads", src)
+    layout.kv_heads(t.num_key_value_heads, src)
+    layout.even(t.intermediate_size, "intermediate_size", src)
+    layout.even(t.moe_intermediate_size * t.n_shared_experts, "shared expert intermediate size", src)
+    if layout.expert_parallel:
+        layout.even(t.n_routed_experts, "n_routed_experts", src)
+    else:
+        layout.even(t.moe_intermediate_size, "moe_intermediate_size", src)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
@@ -72,7 +85,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
 
 
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
-               progress: bool = False, layout: Layout = SINGLE) -> Glm4vMoe:
+               progress=None, layout: Layout = SINGLE) -> Glm4vMoe:
+    """progress: a bar factory (see loader.load_checkpoint), or None for none."""
     model = build_model(cfg, dtype, device, layout)
     model.load_weights(path, progress=progress)
     return model

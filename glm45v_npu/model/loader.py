@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..progress import ProgressBar
+from .hf_config import ModelConfig
 from .layers import SKIP, Piece
 
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -97,7 +97,10 @@ def _normalise(name: str, cfg: ModelConfig) -> str:
     return name
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) -> None:
+Progress = Callable[[str, int], Any]  # (description, total) -> a bar with advance() and stop(): the caller's style
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, progress: Progress | None = None) -> None:
     path = Path(path)
     cfg: ModelConfig = model.cfg
     plan = build_plan(model, cfg)
@@ -113,7 +116,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: bool = False) 
         params[name].data.zero_()  # filled in parts: what no part covers (vocab-parallel padding rows) stays 0
     model.bytes_read = 0
     total = len(files)
-    bar = ProgressBar("loading weights", total) if progress else None
+    bar = progress("loading weights", total) if progress else None
     with torch.no_grad():
         for file, names in by_file.items():
             with _open(file) as f:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
-from ..distributed import SINGLE, Layout
 from ..kernels import ops
+from ..parallel.layout import SINGLE, Layout
+from .hf_config import TextConfig
 from .layers import SKIP, Piece, SwiGLU, cols, rows
 
 

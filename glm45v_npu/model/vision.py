@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VisionConfig
 from ..kernels import ops
+from .hf_config import VisionConfig
 from .layers import Embedding, Linear, RMSNorm, SwiGLU
 from .rope import vision_rope
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.answer import split_reasoning
 from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
-from ..sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -157,3 +158,22 @@ def completion_logprobs(c: CompletionOutput, text_offset: int = 0) -> dict | Non
 
 def created() -> int:
     return int(time.time())
+
+
+def chat_response(out: RequestOutput, cid: str, made: int, model: str, top_n: int) -> dict:
+    choices = []
+    for c in out.outputs:
+        reasoning, content = split_reasoning(c.text)
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": content,
+                                                      "reasoning_content": reasoning or None},
+                        "logprobs": chat_logprobs(c, top_n), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason})
+    return {"id": cid, "object": "chat.completion", "created": made, "model": model, "choices": choices,
+            "usage": usage(out)}
+
+
+def completion_response(out: RequestOutput, cid: str, made: int, model: str) -> dict:
+    choices = [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    return {"id": cid, "object": "text_completion", "created": made, "model": model, "choices": choices,
+            "usage": usage(out)}

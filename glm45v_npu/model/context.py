@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.metadata import AttentionMetadata
+from ..kernels.metadata import AttentionMetadata
 
 
 @dataclass

@@ -18,6 +18,28 @@ class MediaPolicy:
     max_bytes: int = 32 * 2**20
 
 
+async def resolve_media(messages: list[dict], policy: MediaPolicy) -> list[dict]:
+    """image_url and video_url parts -> image and video parts whose source the processor may read."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image_url", "video_url"):
+                    url = part.get(kind)
+                    url = url.get("url") if isinstance(url, dict) else url
+                    source = await resolve_url(url, policy, f"messages[{i}].content[{j}].{kind}")
+                    media = kind.removesuffix("_url")
+                    parts.append({"type": media, media: source})
+                else:
+                    parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
 async def resolve_url(url: str, policy: MediaPolicy, where: str):
     """-> what the processor takes (a data: URI, a local path, or the fetched bytes)."""
     if not isinstance(url, str) or not url:

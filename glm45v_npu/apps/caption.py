@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .answer import parse_answer
-from .errors import Glm45vError
-from .video import VIDEO_SUFFIXES
+from ..engine.answer import parse_answer
+from ..errors import Glm45vError
+from ..inputs.video import VIDEO_SUFFIXES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_FILE_BYTES = 64 * 2**20

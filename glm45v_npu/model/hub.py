@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import builtin_config
-from .errors import Glm45vError
+from ..errors import Glm45vError
+from .hf_config import builtin_config
 
 TINY_RANDOM = "tiny-random"
 _TINY_VERSION = "v3"  # bump when the tiny model changes, so stale caches are not reused
@@ -25,7 +25,7 @@ def tiny_random_path() -> Path:
     path = cache_dir() / f"tiny-random-{_TINY_VERSION}"
     if (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
         return path
-    from .tiny_random import write_vl_checkpoint
+    from ..testing.tiny_random import write_vl_checkpoint
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-"))

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import Glm45vError
+from ..errors import Glm45vError
+from .media import data_uri_bytes
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpeg", ".mpg", ".flv", ".wmv", ".ts"}
 MAX_FRAME_PIXELS = 8192 * 8192  # a larger frame is refused before anything is decoded
@@ -210,8 +211,6 @@ def _patches(video: torch.Tensor, cfg: VideoConfig) -> tuple[torch.Tensor, tuple
 
 
 def _open_source(source: Any, name: str):
-    from .processor import data_uri_bytes
-
     if isinstance(source, (bytes, bytearray)):
         return io.BytesIO(source)
     if isinstance(source, (str, Path)) and str(source).startswith("data:"):

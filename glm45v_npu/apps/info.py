@@ -8,7 +8,7 @@ import torch
 from rich.console import Group
 from rich.table import Table
 
-from . import platform
+from .. import platform
 
 
 def _version(pkg: str) -> str:
@@ -20,7 +20,7 @@ def _version(pkg: str) -> str:
 
 def kernel_table(device: torch.device) -> Table:
     """The path each op takes on each device type; this machine's column is marked."""
-    from .kernels import ops
+    from ..kernels import ops
 
     t = Table(title="kernel path per op and device type",
               caption="torch_npu ops check themselves against the twin at first use and fall back; "
@@ -47,8 +47,8 @@ def render_info(model: str | None, device_name: str | None, dtype: str | None = 
         env.add_row(pkg, _version(pkg))
     parts = [env, kernel_table(device)]
     if model:
-        from .config import load_config
-        from .hub import resolve_model
+        from ..model.hf_config import load_config
+        from ..model.hub import resolve_model
 
         cfg = load_config(resolve_model(model, revision, config_only=True)[0])
         parts.append(model_summary(model, cfg))
@@ -58,11 +58,12 @@ def render_info(model: str | None, device_name: str | None, dtype: str | None = 
 
 def memory_plan(cfg, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool) -> Table:
     """Per-device weight bytes and what is left for the KV cache, for tp devices (counted, not allocated)."""
-    from .distributed import Layout
-    from .parallel import available_bytes, kv_bytes_per_token, weight_bytes_per_rank
+    from ..engine.memory import available_bytes, kv_bytes_per_token, weight_bytes_per_rank
+    from ..model.glm4v_moe import check_layout
+    from ..parallel.layout import Layout
 
     layout = Layout(0, tp, expert_parallel)
-    layout.check(cfg)
+    check_layout(cfg, layout)
     weights = weight_bytes_per_rank(cfg, layout, dtype)
     per_token = kv_bytes_per_token(cfg, layout, dtype)
     have = available_bytes(device)
@@ -84,7 +85,7 @@ def memory_plan(cfg, device: torch.device, dtype: torch.dtype, tp: int, expert_p
 
 def model_summary(model: str, cfg) -> Table:
     """Counts from the config alone: the model is built on the meta device, nothing is read or allocated."""
-    from .model.glm4v_moe import Glm4vMoe
+    from ..model.glm4v_moe import Glm4vMoe
 
     with torch.device("meta"):
         m = Glm4vMoe(cfg)

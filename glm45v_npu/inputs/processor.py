@@ -2,16 +2,13 @@
 
 A request is a str (a raw prompt, as vLLM's generate takes it) or a dict with exactly one of `prompt`,
 `prompt_token_ids` or `messages`, and optionally `images` / `videos` or vLLM's `multi_modal_data` ({"image": ...,
-"video": ...}). In messages, images and videos are content parts.
+"video": ...}). In messages, images and videos are content parts (inputs/messages.py).
 Every mistake in it is a Glm45vError that names the field, message, part or image at fault.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,52 +17,22 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .engine.sequence import ImageSpan
-from .errors import Glm45vError
-
-REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "videos", "multi_modal_data",
-                "chat_template_kwargs"}
-ROLES = ("system", "user", "assistant", "observation", "tool")
+from ..errors import Glm45vError
+from ..model.hf_config import ModelConfig
+from .media import describe_media, open_image
+from .messages import REQUEST_KEYS, request_media, split_media
+from .mrope import mrope_positions, num_image_tokens
 
 
-def mrope_positions(
-    token_ids: Sequence[int], image_token_id: int | None, grid_thw: Sequence[Sequence[int]], merge: int
-) -> tuple[torch.Tensor, int]:
-    """Positions [3, T] and the decode delta (decode position = cache length + delta on all three rows).
+@dataclass
+class ImageSpan:
+    """An image's run of placeholder tokens [start, end) in the prompt, its content hash and model inputs."""
 
-    Text advances all rows together; each run of image tokens takes t = start, h = start + row, w = start + col
-    over the merged grid, and the text after it starts at start + max(h, w) / merge.
-    """
-    rows: list[torch.Tensor] = []
-    images = iter(grid_thw)
-    pos, i, n = 0, 0, len(token_ids)
-    while i < n:
-        j = i
-        is_image = image_token_id is not None and token_ids[i] == image_token_id
-        while j < n and (token_ids[j] == image_token_id) == is_image:
-            j += 1
-        if not is_image:
-            rows.append(torch.arange(pos, pos + j - i).expand(3, -1))
-            pos += j - i
-            i = j
-            continue
-        t, h, w = next(images, (0, 0, 0))
-        gh, gw = h // merge, w // merge
-        count = t * gh * gw
-        if count == 0 or count > j - i:
-            raise ValueError(f"image token run of {j - i} does not match the image grids {list(grid_thw)}")
-        tt = torch.arange(t).view(-1, 1, 1).expand(t, gh, gw)
-        hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw)
-        ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw)
-        rows.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-        pos += max(h, w) // merge
-        i += count  # consecutive images without text between them are separate runs of the same token
-    if next(images, None) is not None:
-        raise ValueError(f"more image grids ({len(grid_thw)}) than image token runs in the prompt")
-    positions = torch.cat(rows, dim=1) if rows else torch.zeros(3, 0, dtype=torch.long)
-    delta = int(positions.max()) + 1 - n if n else 0
-    return positions, delta
+    start: int
+    end: int
+    digest: bytes
+    pixels: torch.Tensor
+    grid: tuple[int, int, int]
 
 
 def preprocess_images(images: Sequence, image_processor, names: Sequence[str] | None = None,
@@ -85,84 +52,6 @@ def preprocess_images(images: Sequence, image_processor, names: Sequence[str] | 
         pixels.append(out["pixel_values"])
         grids += [tuple(int(v) for v in g) for g in out["image_grid_thw"].tolist()]
     return torch.cat(pixels), grids
-
-
-def num_image_tokens(grid: Sequence[int], merge: int) -> int:
-    t, h, w = grid
-    return t * h * w // (merge * merge)
-
-
-def describe_media(source: Any, index: int, kind: str = "image") -> str:
-    """How errors name an image or a video: its path, or its place in the request."""
-    if isinstance(source, (str, Path)) and not str(source).startswith("data:"):
-        return f"{kind} {source}"
-    return f"{kind} {index + 1} of the request"
-
-
-def data_uri_bytes(uri: str, name: str) -> bytes:
-    """The payload of a base64 data: URI (images and videos alike)."""
-    head, _, payload = uri.partition(",")
-    if ";base64" not in head:
-        raise Glm45vError(f"{name}: only base64 data: URIs are supported")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
-
-
-def open_image(image: Any, name: str | None = None):
-    """A PIL image, a path, raw bytes or a data: URI -> RGB PIL image (EXIF orientation applied, first frame of
-    animations, transparency over white, 16-bit scaled down)."""
-    from PIL import Image, ImageOps
-
-    name = name or describe_media(image, 0)
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        img = _decode(image, name)
-    try:
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        img = ImageOps.exif_transpose(img) or img
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            background = Image.new("RGB", img.size, (255, 255, 255))
-            rgba = img.convert("RGBA")
-            background.paste(rgba, mask=rgba.split()[-1])
-            return background
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            img = img.point(lambda v: v / 256).convert("L")
-        elif img.mode == "F":
-            img = img.convert("L")
-        return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
-        raise Glm45vError(f"{name}: cannot be decoded ({e})") from None
-
-
-def _decode(source: Any, name: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
-        source = data_uri_bytes(str(source), name)
-    elif isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
-        raise Glm45vError(f"{name}: remote images are not fetched here; download it, or use `glm45v serve "
-                          "--allow-remote-media`")
-    elif not isinstance(source, (str, Path, bytes, bytearray)):
-        raise Glm45vError(f"{name}: expected a path, bytes, a data: URI or a PIL image, got {type(source).__name__}")
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
-    try:
-        img = Image.open(stream)
-        img.load()
-    except FileNotFoundError:
-        raise Glm45vError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise Glm45vError(f"{name}: is a folder, not an image") from None
-    except PermissionError:
-        raise Glm45vError(f"{name}: permission denied") from None
-    except Image.DecompressionBombError as e:
-        raise Glm45vError(f"{name}: too many pixels ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise Glm45vError(f"{name}: cannot be read as an image ({e})") from None
-    return img
 
 
 @dataclass
@@ -220,7 +109,7 @@ class Processor:
         if len(forms) != 1:
             raise Glm45vError("request: needs exactly one of 'prompt', 'prompt_token_ids' or 'messages'"
                               + (f", got {' and '.join(forms)}" if forms else ""))
-        images, videos = _request_media(request)
+        images, videos = request_media(request)
         form = forms[0]
         if form != "prompt_token_ids" and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: this model has no tokenizer; pass prompt_token_ids")
@@ -228,7 +117,7 @@ class Processor:
         if form == "messages":
             if images or videos:
                 raise Glm45vError("request: with 'messages', put images and videos in the messages' content parts")
-            messages, images, videos = _split_media(request["messages"])
+            messages, images, videos = split_media(request["messages"])
             kwargs = dict(request.get("chat_template_kwargs") or {})
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
@@ -313,69 +202,6 @@ class Processor:
         from .video import read_video
 
         return read_video(source, self.video_cfg, describe_media(source, index, "video"))
-
-
-def _request_media(request: dict) -> tuple[list, list]:
-    """(images, videos) given as 'images' / 'videos' or as vLLM's multi_modal_data."""
-    images, videos = request.get("images"), request.get("videos")
-    mm = request.get("multi_modal_data")
-    if mm is not None:
-        if images is not None or videos is not None:
-            raise Glm45vError("request: pass media either as 'images'/'videos' or as 'multi_modal_data', not both")
-        if not isinstance(mm, dict):
-            raise Glm45vError("request: 'multi_modal_data' must be a dict such as {'image': [...]}")
-        unknown = sorted(set(mm) - {"image", "video"})
-        if unknown:
-            raise Glm45vError(f"request: multi_modal_data kind(s) {', '.join(map(repr, unknown))} are not "
-                              "supported (only 'image' and 'video')")
-        images, videos = mm.get("image"), mm.get("video")
-
-    def listed(x) -> list:
-        return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-    return listed(images), listed(videos)
-
-
-def _split_media(messages: Any) -> tuple[list, list, list]:
-    """OpenAI-style messages -> messages with bare media parts (for the template), the images and the videos."""
-    if not isinstance(messages, list) or not messages:
-        raise Glm45vError("messages: expected a non-empty list of {'role', 'content'} objects")
-    images, videos, out = [], [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise Glm45vError(f"messages[{i}]: expected an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
-        if content is None or isinstance(content, str):
-            out.append({**m, "content": content or ""})
-            continue
-        if not isinstance(content, list):
-            raise Glm45vError(f"messages[{i}].content: expected a string or a list of parts")
-        parts = []
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            if not isinstance(part, dict):
-                raise Glm45vError(f"{where}: expected an object with a 'type'")
-            kind = part.get("type")
-            media = kind[:-4] if kind in ("image_url", "video_url") else kind
-            if media in ("image", "video"):
-                src = part.get(media) or part.get("path") or part.get("url") or part.get(f"{media}_url")
-                if isinstance(src, dict):
-                    src = src.get("url")
-                if src is None:
-                    raise Glm45vError(f"{where}: {media} part without {'an' if media == 'image' else 'a'} {media}")
-                (images if media == "image" else videos).append(src)
-                parts.append({"type": media})
-            elif kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise Glm45vError(f"{where}.text: expected a string")
-                parts.append(part)
-            else:
-                raise Glm45vError(f"{where}.type: {kind!r} is not supported (text, image, image_url, video or "
-                                  "video_url)")
-        out.append({**m, "content": parts})
-    return out, images, videos
 
 
 def image_processor_class():

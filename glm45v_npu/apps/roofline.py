@@ -11,13 +11,13 @@ import time
 
 import torch
 
-from . import platform
-from .config import ModelConfig, load_config, with_num_layers
-from .engine.runner import ModelRunner, StepInputs, release_kv_cache
-from .hub import resolve_model
-from .kernels import ops
-from .model.glm4v_moe import build_model
-from .model.loader import init_dummy_weights
+from .. import platform
+from ..engine.runner import ModelRunner, StepInputs, drop_kv_cache
+from ..kernels import ops
+from ..model.glm4v_moe import build_model
+from ..model.hf_config import ModelConfig, load_config, with_num_layers
+from ..model.hub import resolve_model
+from ..model.loader import init_dummy_weights
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
@@ -78,7 +78,7 @@ def our_step_time(model, cfg: ModelConfig, batch: int, context: int, device: tor
         runner.execute(inputs).argmax(-1)
 
     times = _timed(step, device, steps, warmup=3)
-    release_kv_cache(model)
+    drop_kv_cache(model)
     return times
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("glm4v_moe", "glm4_moe")
 

@@ -9,9 +9,9 @@ import time
 import torch
 from rich.table import Table
 
-from . import platform
-from .errors import Glm45vError
-from .sampling import SamplingParams
+from .. import platform
+from ..errors import Glm45vError
+from ..sampling_params import SamplingParams
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def _random_image(size: tuple[int, int], seed: int):
 
 def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int], seed: int, videos: int = 0,
               video_seconds: float = 2.0, folder: str | None = None) -> list[dict]:
-    from .video import write_test_video
+    from ..inputs.video import write_test_video
 
     rng = random.Random(seed)
     cfg = llm.model_config

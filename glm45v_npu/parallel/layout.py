@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ModelConfig
-from .errors import Glm45vError
+from ..errors import Glm45vError
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,6 @@ class Layout:
         """Vocab rows of this rank, padded so every rank holds the same count."""
         per = -(-vocab // self.world)
         return self.rank * per, per
-
-    def check(self, cfg: ModelConfig) -> None:
-        t, src = cfg.text, cfg.source
-        self.even(t.num_attention_heads, "num_attention_heads", src)
-        self.kv_heads(t.num_key_value_heads, src)
-        self.even(t.intermediate_size, "intermediate_size", src)
-        self.even(t.moe_intermediate_size * t.n_shared_experts, "shared expert intermediate size", src)
-        if self.expert_parallel:
-            self.even(t.n_routed_experts, "n_routed_experts", src)
-        else:
-            self.even(t.moe_intermediate_size, "moe_intermediate_size", src)
 
 
 SINGLE = Layout()

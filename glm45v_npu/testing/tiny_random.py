@@ -117,11 +117,10 @@ def spread_init(model: torch.nn.Module, seed: int) -> None:
 
 
 def image_processor(max_pixels: int = 112 * 112):
-    from .processor import image_processor_class
+    import transformers
 
-    Glm4vImageProcessorPil = image_processor_class()
-
-    return Glm4vImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": max_pixels}, patch_size=14,
+    cls = getattr(transformers, "Glm4vImageProcessorPil", None) or transformers.Glm4vImageProcessor  # no torchvision
+    return cls(size={"shortest_edge": 28 * 28, "longest_edge": max_pixels}, patch_size=14,
                                   temporal_patch_size=2, merge_size=2)
 
 

@@ -1,0 +1,75 @@
+"""Request shapes: the keys a request may have, its media given beside the prompt, and OpenAI-style messages split
+into what the chat template renders and the media it names. Every mistake names the field, message or part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import Glm45vError
+
+REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "videos", "multi_modal_data",
+                "chat_template_kwargs"}
+ROLES = ("system", "user", "assistant", "observation", "tool")
+
+
+def request_media(request: dict) -> tuple[list, list]:
+    """(images, videos) given as 'images' / 'videos' or as vLLM's multi_modal_data."""
+    images, videos = request.get("images"), request.get("videos")
+    mm = request.get("multi_modal_data")
+    if mm is not None:
+        if images is not None or videos is not None:
+            raise Glm45vError("request: pass media either as 'images'/'videos' or as 'multi_modal_data', not both")
+        if not isinstance(mm, dict):
+            raise Glm45vError("request: 'multi_modal_data' must be a dict such as {'image': [...]}")
+        unknown = sorted(set(mm) - {"image", "video"})
+        if unknown:
+            raise Glm45vError(f"request: multi_modal_data kind(s) {', '.join(map(repr, unknown))} are not "
+                              "supported (only 'image' and 'video')")
+        images, videos = mm.get("image"), mm.get("video")
+
+    def listed(x) -> list:
+        return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+    return listed(images), listed(videos)
+
+
+def split_media(messages: Any) -> tuple[list, list, list]:
+    """OpenAI-style messages -> messages with bare media parts (for the template), the images and the videos."""
+    if not isinstance(messages, list) or not messages:
+        raise Glm45vError("messages: expected a non-empty list of {'role', 'content'} objects")
+    images, videos, out = [], [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise Glm45vError(f"messages[{i}]: expected an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if content is None or isinstance(content, str):
+            out.append({**m, "content": content or ""})
+            continue
+        if not isinstance(content, list):
+            raise Glm45vError(f"messages[{i}].content: expected a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict):
+                raise Glm45vError(f"{where}: expected an object with a 'type'")
+            kind = part.get("type")
+            media = kind[:-4] if kind in ("image_url", "video_url") else kind
+            if media in ("image", "video"):
+                src = part.get(media) or part.get("path") or part.get("url") or part.get(f"{media}_url")
+                if isinstance(src, dict):
+                    src = src.get("url")
+                if src is None:
+                    raise Glm45vError(f"{where}: {media} part without {'an' if media == 'image' else 'a'} {media}")
+                (images if media == "image" else videos).append(src)
+                parts.append({"type": media})
+            elif kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise Glm45vError(f"{where}.text: expected a string")
+                parts.append(part)
+            else:
+                raise Glm45vError(f"{where}.type: {kind!r} is not supported (text, image, image_url, video or "
+                                  "video_url)")
+        out.append({**m, "content": parts})
+    return out, images, videos

@@ -1,0 +1,91 @@
+"""SamplingParams: vLLM's names and meanings, every value checked on construction (errors name the field)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import FieldError
+
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None: until the context is full
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # on generated tokens, as OpenAI and vLLM define them
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # on prompt and generated tokens
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # eos and stop tokens are masked out until this many tokens are generated
+    logprobs: int | None = None  # None: no logprobs; N: the sampled token's and the top N
+    skip_special_tokens: bool = True
+    output_kind: str = "cumulative"  # what step() reports: the whole output so far, only what is new, or the end
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self._check_types()
+        checks = [
+            ("n", 1 <= self.n <= 64, "must be in 1..64"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
+            ("temperature", 0 <= self.temperature <= 100, "must be in [0, 100]"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "must be >= -1 (0 or -1 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 100, "must be in (0, 100]"),
+            ("stop", all(s for s in self.stop), "stop strings must be non-empty"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "token ids must be >= 0"),
+            ("min_tokens", self.min_tokens >= 0 and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             "must be in 0..max_tokens"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"must be in 0..{MAX_LOGPROBS}"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in 0..2^63-1"),
+            ("output_kind", self.output_kind in OUTPUT_KINDS, f"expected one of {', '.join(OUTPUT_KINDS)}"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise FieldError("SamplingParams: ", name, getattr(self, name), why)
+
+    def _check_types(self) -> None:
+        ints = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs")
+        floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+        bools = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+        for name in ints + floats:
+            v = getattr(self, name)
+            if v is None and name in ("max_tokens", "seed", "logprobs"):
+                continue
+            kinds = (int,) if name in ints else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, float) and not math.isfinite(v)):
+                raise FieldError("SamplingParams: ", name, v,
+                                 f"expected {'an integer' if name in ints else 'a finite number'}")
+        for name in bools:
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError("SamplingParams: ", name, getattr(self, name), "expected true or false")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise FieldError("SamplingParams: ", "stop", self.stop, "expected a string or a list of strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise FieldError("SamplingParams: ", "stop_token_ids", self.stop_token_ids, "expected a list of integers")
+        if not isinstance(self.output_kind, str):
+            raise FieldError("SamplingParams: ", "output_kind", self.output_kind, "expected a string")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

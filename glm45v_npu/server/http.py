@@ -1,0 +1,131 @@
+"""The HTTP side every endpoint shares: OpenAI error bodies, reading and validating a JSON body, submitting to the
+engine loop, and waiting for a finished output while watching for the client to leave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import FieldError, Glm45vError
+from .engine_loop import Overloaded
+from .metrics import Metrics
+from .state import ServerState
+
+log = logging.getLogger("glm45v_npu")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every failure as OpenAI's error body, never a traceback."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        metrics.rejected(e.status)
+        return error_response(e.status, e.message, e.kind, e.param, e.code, e.headers)
+
+    @app.exception_handler(Glm45vError)
+    async def bad_request(request: Request, e: Glm45vError):
+        """A request the engine or the protocol refuses: 400, naming the field when one is at fault."""
+        metrics.rejected(400)
+        return error_response(400, str(e), param=e.field if isinstance(e, FieldError) else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else
+                              "server_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception):
+        log.exception("internal error")
+        return error_response(500, f"internal error ({type(e).__name__})", "server_error")
+
+
+async def parse(request: Request, state: ServerState, model: type[BaseModel]) -> Any:
+    """The body as `model`, or an ApiError that names the field at fault."""
+    config = state.config
+    raw = await request.body()
+    if len(raw) > config.max_body_bytes:
+        raise ApiError(413, f"the body is over {config.max_body_bytes // 2**20} MiB", code="body_too_large")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = _param(first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+    if req.model is not None and req.model != config.model_name:
+        raise ApiError(400, f"model {req.model!r} is not served here (this server serves {config.model_name!r})",
+                       param="model", code="model_not_found")
+    bad = req.unsupported()
+    if bad:
+        raise ApiError(400, f"{bad} is not supported by this server", param=bad)
+    return req
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple) -> str:
+    """pydantic's error location as the request field (without the type tags it adds for unions)."""
+    parts = []
+    for x in loc:
+        if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x):
+            break
+        parts.append(f"[{x}]" if isinstance(x, int) else ("." if parts else "") + str(x))
+    return "".join(parts)
+
+
+async def submit(state: ServerState, request: Any, params: Any) -> tuple[str, asyncio.Queue]:
+    try:
+        return await state.engine.submit(request, params, None)
+    except Overloaded as e:
+        raise ApiError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
+
+
+async def final(request: Request, state: ServerState, rid: str, outputs: asyncio.Queue):
+    """The finished output, or None when the client left first (its request is then aborted)."""
+    async def wait():
+        while True:
+            item = await outputs.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is not None and item.finished:
+                return item
+
+    task = asyncio.create_task(wait())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            try:
+                return task.result()
+            except Glm45vError as e:
+                raise ApiError(500, str(e), "server_error") from None
+        if await request.is_disconnected():
+            state.engine.abort(rid)
+            task.cancel()
+            return None

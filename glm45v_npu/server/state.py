@@ -1,0 +1,34 @@
+"""What every route of one server shares: its configuration, the engine loop, the metrics and the sampling
+defaults. build_app makes one and puts it at app.state.server; routes read it from their request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from .engine_loop import EngineLoop
+from .media_policy import MediaPolicy
+from .metrics import Metrics
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_waiting: int | None = None
+    max_body_bytes: int = 64 * 2**20
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+@dataclass
+class ServerState:
+    llm: object
+    config: ServeConfig
+    metrics: Metrics
+    engine: EngineLoop
+    defaults: dict  # the checkpoint's sampling defaults, under SamplingParams' names
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server

@@ -1,0 +1,88 @@
+"""Server-sent event streams of chat and completion chunks: one chunk per choice per engine step, a usage chunk
+when asked, then [DONE] (or an error chunk). A consumer that stops early aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from ..engine.answer import ReasoningStream
+from . import protocol as p
+from .engine_loop import EngineLoop
+
+
+def sse(chunks: AsyncIterator[dict | str]) -> StreamingResponse:
+    async def lines():
+        async for chunk in chunks:
+            yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(engine: EngineLoop, rid: str, outputs: asyncio.Queue):
+    """The request's delta outputs until it finishes; if the consumer stops early, the request is aborted."""
+    done = False
+    try:
+        while True:
+            item = await outputs.get()
+            if item is None:
+                done = True
+                return
+            if isinstance(item, Exception):
+                done = True
+                yield item
+                return
+            yield item
+    finally:
+        if not done:
+            engine.abort(rid)
+
+
+async def _chunks(engine, rid, outputs, head, include_usage, choices):
+    """Stream chunks: `choices(output)` per engine step, a usage chunk if asked, then [DONE] (or an error chunk)."""
+    last = None
+    async for item in _stream(engine, rid, outputs):
+        if isinstance(item, Exception):
+            yield {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
+            return
+        last = item
+        for choice in choices(item):
+            yield {**head, "choices": [choice]}
+    if include_usage and last is not None:
+        yield {**head, "choices": [], "usage": p.usage(last)}
+    yield "[DONE]"
+
+
+async def chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_usage):
+    head = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": model}
+    streams = [ReasoningStream() for _ in range(n)]
+    for i in range(n):
+        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+
+    def choices(item):
+        for c in item.outputs:
+            reasoning, content = streams[c.index].feed(c.text)
+            if c.finish_reason is not None:
+                r2, c2 = streams[c.index].flush()
+                reasoning, content = reasoning + r2, content + c2
+            delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+            logprobs = p.chat_logprobs(c, top_n) if c.token_ids else None
+            if delta or logprobs or c.finish_reason:
+                yield {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    async for chunk in _chunks(engine, rid, outputs, head, include_usage, choices):
+        yield chunk
+
+
+def completion_stream(engine, rid, outputs, cid, made, model, include_usage):
+    head = {"id": cid, "object": "text_completion", "created": made, "model": model}
+
+    def choices(item):
+        return [{"index": c.index, "text": c.text, "logprobs": p.completion_logprobs(c),
+                 "finish_reason": c.finish_reason} for c in item.outputs]
+
+    return _chunks(engine, rid, outputs, head, include_usage, choices)
