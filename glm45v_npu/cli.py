@@ -390,8 +390,10 @@ def serve(
     max_body_mb: Annotated[int, Opt("--max-body-mb", metavar="MB", help="largest request body")] = 64,
     allowed_local_media_path: Annotated[Path | None, Opt("--allowed-local-media-path", metavar="DIR",
                                                          help="image URLs may name local files under DIR")] = None,
-    allow_remote_media: Annotated[bool, Opt("--allow-remote-media", help="fetch http(s) image URLs (10 s, "
-                                            "32 MiB limits)")] = False,
+    allow_remote_media: Annotated[bool, Opt("--allow-remote-media", help="fetch http(s) media URLs of public "
+                                            "hosts (10 s, 32 MiB limits)")] = False,
+    allow_private_media_hosts: Annotated[bool, Opt("--allow-private-media-hosts", help="with --allow-remote-media: "
+                                                   "also hosts on loopback, private and link-local addresses")] = False,
     shutdown_grace: Annotated[float, Opt("--shutdown-grace", metavar="S", help="on SIGTERM/Ctrl-C, seconds "
                                          "running requests may finish before the rest are aborted")] = 30.0,
     engine: EngineConfig = None,
@@ -406,11 +408,13 @@ def serve(
     require(1 <= port <= 65535, f"--port {port}: expected 1..65535")
     require(max_waiting is None or max_waiting >= 1, f"--max-waiting {max_waiting}: must be >= 1")
     require(max_body_mb >= 1, f"--max-body-mb {max_body_mb}: must be >= 1")
+    require(allow_remote_media or not allow_private_media_hosts,
+            "--allow-private-media-hosts needs --allow-remote-media")
     require(allowed_local_media_path is None or allowed_local_media_path.is_dir(),
             f"--allowed-local-media-path {allowed_local_media_path}: not a folder")
     llm = _llm(engine)
     config = ServeConfig(served_model_name or engine.model, api_key, max_waiting, max_body_mb * 2**20,
-                         MediaPolicy(allowed_local_media_path, allow_remote_media))
+                         MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts))
     app = build_app(llm, config)
 
     class Server(uvicorn.Server):

@@ -22,9 +22,6 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos
 
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass
 class RequestMetrics:
@@ -48,4 +45,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # set when the request was rejected (generate() goes on with the others)
+    error: str | None = None  # set when the request was rejected or the engine ended it (the others go on)

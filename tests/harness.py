@@ -35,11 +35,12 @@ class PagedRunner:
             table.append(self.free.pop())
         return table
 
-    def prefill(self, ids: list[int], images=(), chunks: list[int] | None = None):
-        """Returns logits for every prompt token [T, V], and the state to continue decoding."""
+    def prefill(self, ids: list[int], images=(), chunks: list[int] | None = None, patches=None):
+        """Returns logits for every prompt token [T, V], and the state to continue decoding. `patches`:
+        (pixel patches, grids) given directly instead of PIL images."""
         m = self.model
         merge = m.cfg.vision.spatial_merge_size if m.cfg.vision else 2
-        pixels, grids = preprocess_images(list(images), image_processor())
+        pixels, grids = patches or preprocess_images(list(images), image_processor())
         positions, delta = mrope_positions(ids, m.cfg.image_token_id, grids, merge)
         encode = [(0, list(pixels.split([t * h * w for t, h, w in grids])), grids)] if grids else []
         image_index = torch.cumsum(torch.tensor([t == m.cfg.image_token_id for t in ids]), 0) - 1  # embeds row
@@ -49,9 +50,8 @@ class PagedRunner:
             self.blocks_for(table, done + n)
             rows = [(0, int(image_index[i]), i - done, 1) for i in range(done, done + n)
                     if ids[i] == m.cfg.image_token_id]
-            last = done + n >= len(ids)
             inputs = StepInputs(ids[done : done + n], positions[:, done : done + n], [n], [done + n], [list(table)],
-                                list(range(n)), encode=encode, image_rows=rows, drop_images=[0] if last else [])
+                                list(range(n)), encode=encode, image_rows=rows)
             out.append(self.runner.execute(inputs))
             encode = []
             done += n

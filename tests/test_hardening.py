@@ -106,32 +106,36 @@ def _requests():
 
 @pytest.mark.parametrize("where", ["vision", "model", "interrupt"])
 def test_failed_step_changes_nothing_and_the_engine_goes_on(ckpt, where, monkeypatch):
+    """A step that fails (out of memory, Ctrl-C) commits nothing: a failure is absorbed (its requests are retried
+    one at a time), an interrupt reaches the caller; either way every request ends as in a clean run."""
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
     clean = LLM(ckpt, block_size=4, kv_cache_gib=0.002, max_num_batched_tokens=8).generate(_requests(), params)
     llm = LLM(ckpt, block_size=4, kv_cache_gib=0.002, max_num_batched_tokens=8)  # chunked: images span steps
     model = llm.engine.runner.model
     target, name = (model, "encode_images") if where == "vision" else (model, "forward")
     real = getattr(target, name)
-    calls = {"n": 0}
+    calls = {"n": 0, "failed": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] in (2, 3, 5):
+        if calls["n"] in (2, 4):  # a batched step, then one that a request runs on its own after it
+            calls["failed"] += 1
             raise KeyboardInterrupt if where == "interrupt" else RuntimeError("injected failure (out of memory)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(target, name, flaky)
     ids = [llm.add_request(r, params) for r in _requests()]
-    finals, failures = {}, 0
+    finals, raised = {}, 0
     while llm.has_unfinished():
         try:
             outs = llm.step()
-        except (RuntimeError, KeyboardInterrupt):
-            failures += 1
+        except KeyboardInterrupt:
+            raised += 1
             continue
         finals.update({o.request_id: o for o in outs if o.finished})
-    assert failures == 3
+    assert calls["failed"] == 2 and raised == (2 if where == "interrupt" else 0)
     for rid, want in zip(ids, clean):
+        assert finals[rid].error is None
         got, want = finals[rid].outputs[0], want.outputs[0]
         assert got.token_ids == want.token_ids
         assert torch.allclose(torch.tensor([d[t].logprob for d, t in zip(got.logprobs, got.token_ids)]),

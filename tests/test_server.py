@@ -4,27 +4,23 @@ port, except for the SIGTERM test, which runs the real command."""
 
 import asyncio
 import base64
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.engine.sampler import Sampled
 from glm45v_npu.parallel.layout import free_port
-from glm45v_npu.server.app import build_app
 from glm45v_npu.server.media_policy import MediaPolicy
-from glm45v_npu.server.state import ServeConfig
 from glm45v_npu.testing.tiny_random import TOKEN_IDS
+from tests.serving import Server, data_uri
 from tests.tiny import make_vl_checkpoint, random_image
 
 KEY = "test-key"
@@ -35,33 +31,6 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve")
     make_vl_checkpoint(path, "gqa2-hd32-half-rope", seed=81)
     return path
-
-
-class Server:
-    def __init__(self, llm, **config):
-        self.llm = llm
-        self.port = free_port()
-        self.app = build_app(llm, ServeConfig("glm45v-test", **config))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def idle(self, timeout=30.0) -> bool:
-        """Wait until the engine holds no request and every block is free."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            s = self.llm.stats()
-            if s.requests == 0 and s.free_blocks == s.num_blocks and not self.app.state.engine.queues:
-                return True
-            time.sleep(0.05)
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +51,9 @@ def client(server):
     return OpenAI(base_url=server.url + "/v1", api_key=KEY)
 
 
-def _data_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def test_chat_with_a_base64_image_equals_llm_generate(client, server, ckpt):
     image = random_image(70, 50, 1)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
                                              {"type": "text", "text": "what is this?"}]}]
     r = client.chat.completions.create(model="glm45v-test", messages=messages, max_tokens=8, temperature=0,
                                        extra_body={"ignore_eos": True})
@@ -203,6 +166,11 @@ BAD = [
     ("prompt of the wrong type", "/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
     ("token id outside the vocabulary", "/v1/completions", {"prompt": [5, 99999]}, 400, None),
     ("body over the limit", "/v1/completions", b"x" * (65 * 2**20), 413, None),
+    ("a part type the API does not take", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "/etc/hosts"}]}]}, 400, "messages[0].content[0].type"),
+    ("a client's own chat template", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+     "chat_template_kwargs": {"chat_template": "{% for i in range(9) %}x{% endfor %}"}}, 400,
+     "chat_template_kwargs.chat_template"),
     ("unknown endpoint", "/v1/engines", {}, 404, None),
 ]
 
@@ -212,7 +180,8 @@ def test_bad_requests_get_their_status_and_an_openai_error_body(server, capsys):
     rows = []
     with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
         for name, path, body, status, param in BAD:
-            r = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+            r = (http.post(path, content=body, headers={"Content-Type": "application/json"}) if isinstance(body, bytes)
+                 else http.post(path, json=body))
             data = r.json()
             assert r.status_code == status, (name, r.status_code, data)
             assert set(data["error"]) == {"message", "type", "param", "code"}, name

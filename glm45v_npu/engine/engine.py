@@ -1,28 +1,32 @@
 """Engine: requests in, outputs out, one step at a time.
 
 It owns the processor, scheduler, block manager, runner, sampler, detokenizers and stop rules. LLM, the CLI,
-caption and the server use only `add_request`, `abort`, `step`, `has_unfinished`, `stats` and `close`.
+caption and the server use only `add_request` (or `encode` off the engine's thread, then `add_encoded`), `abort`,
+`step`, `has_unfinished`, `stats` and `close`.
+
 A step that fails leaves every request as it was (nothing is committed before the model and the sampler are
-done), so the engine stays usable; an aborted request is reported once more, finished, by the next step.
+done). The engine then finds the request at fault instead of failing them all: the requests of the failed step
+run one at a time, and one that fails twice in a row on its own is ended with an error; the others go on. An
+aborted request is reported once more, finished, by the next step.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from .. import platform
-from ..errors import Glm45vError
-from ..inputs.processor import Processor, generation_defaults
+from ..errors import FieldError, Glm45vError
+from ..inputs.processor import EncodedPrompt, Processor, generation_defaults
 from ..model.glm4v_moe import check_layout
 from ..model.hf_config import load_config, with_num_layers
 from ..model.hub import resolve_model
-from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ..outputs import Logprob, RequestMetrics, RequestOutput
 from ..parallel.cluster import Cluster
 from ..parallel.layout import Layout, env_layout
 from ..sampling_params import SamplingParams
@@ -30,6 +34,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .memory import check_fits
+from .requests import Completion, Request, derived_seed
 from .runner import StepPlan
 from .sampler import Sampled, Sampler
 from .scheduler import Scheduler
@@ -47,40 +52,14 @@ class EngineStats:
     block_size: int
     prefix_cache_hit_tokens: int
     preemptions: int
-    running: int
+    running: int  # sequences (a request with n > 1 has n)
     waiting: int
     requests: int  # requests the engine still holds (unfinished, or finished and not yet reported)
+    running_requests: int  # requests with a sequence admitted
+    waiting_requests: int  # unfinished requests with none admitted
     steps: int  # model steps run so far
     host_s: float  # seconds in those steps on the host: scheduling, step inputs, stop rules, detokenising
     device_s: float  # seconds from launching the model to the sampled tokens on the host
-
-
-@dataclass(eq=False)
-class _Completion:
-    index: int  # its place among the request's n completions
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    text: str = ""  # the part of the decoded text that is safe to show (stop strings held back)
-    logprobs: list[dict[int, Logprob]] | None = None
-    stop_reason: int | str | None = None
-    sent_tokens: int = 0  # what delta outputs have reported so far
-    sent_text: int = 0
-    changed: bool = False
-
-
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    completions: list[_Completion]
-    metrics: RequestMetrics
-    num_cached_tokens: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return all(c.seq.status is Status.FINISHED for c in self.completions)
 
 
 class Engine:
@@ -94,28 +73,33 @@ class Engine:
         world = torchrun.world if torchrun else config.tensor_parallel_size
         layout = Layout(torchrun.rank if torchrun else 0, world, config.enable_expert_parallel)
         check_layout(cfg, layout)  # a clear error before any process starts
-        self.device = rank_device(platform.pick_device(config.device).type, layout.rank)
+        base = platform.pick_device(config.device)
+        self.device = rank_device(base, layout.rank)
         self.dtype = platform.pick_dtype(config.dtype, self.device)
         limit = cfg.text.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise Glm45vError(f"max_model_len={config.max_model_len}: the model's context is {limit} tokens "
                               f"(max_position_embeddings in {cfg.source})")
         self.max_model_len = config.max_model_len or limit
-        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device,
-                                                         config.gpu_memory_utilization)
+        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device, config.gpu_memory_utilization)
         self.processor = Processor(path, cfg, config.max_pixels, config.limit_mm_per_prompt,
                                    config.mm_processor_kwargs)
         self.sampling_defaults = generation_defaults(path) if config.generation_config == "auto" else {}
-        spec = RankSpec(config, str(path), cfg, self.dtype, self.device.type, world,
-                                 max_image_patches=self.processor.max_image_patches)
+        try:
+            SamplingParams(**self.sampling_defaults)
+        except FieldError as e:
+            raise Glm45vError(f"{path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
+        spec = RankSpec(config, str(path), cfg, self.dtype, base, world,
+                        max_image_patches=self.processor.max_image_patches)
         self.cluster = Cluster(layout, self.device, torchrun is not None, config.dist_timeout_s, worker_main, spec)
         with self.cluster.collective():
             _, self.runner, num_blocks, per_block = build_rank(spec, layout, self.device, progress=True)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))
-        self._requests: dict[str, _Request] = {}
-        self._owner: dict[int, tuple[_Request, _Completion]] = {}
+        self._requests: dict[str, Request] = {}
+        self._owner: dict[int, tuple[Request, Completion]] = {}
+        self._suspects: deque[Request] = deque()  # requests of a failed step, run one at a time until cleared
         self._dirty: dict[str, None] = {}  # requests with something to report at the next step, in order
         self._timing = [0, 0.0, 0.0]  # steps, host seconds, device seconds
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device)", num_blocks,
@@ -131,34 +115,41 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------------------------
 
-    def add_request(self, request: str | dict, params: SamplingParams, enable_thinking: bool | None = None,
-                    request_id: str | None = None) -> str:
-        """Encode and queue one request; returns its id. Raises Glm45vError, and queues nothing, when the
-        request is malformed or can never fit."""
+    def encode(self, request: str | dict, params: SamplingParams, enable_thinking: bool | None = None
+               ) -> EncodedPrompt:
+        """Check and encode one request without touching the engine's state: the chat template, tokenizer and
+        media run here, so a server calls it off the engine's thread. Raises Glm45vError naming the field."""
         if not isinstance(params, SamplingParams):
             raise Glm45vError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        request_id = str(next(_request_ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
-            raise Glm45vError(f"request id {request_id!r} is already in use")
+        vocab = self.model_config.text.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise FieldError("", "stop_token_ids", bad[0], f"outside the vocabulary (0..{vocab - 1})")
         enc = self.processor.encode(request, enable_thinking)
-        n = len(enc.token_ids)
-        room = min(self.max_model_len, self.capacity_tokens)
-        wanted = params.max_tokens or 1
+        n, wanted = len(enc.token_ids), params.max_tokens or 1
         if n + wanted > self.max_model_len:
             raise Glm45vError(f"prompt ({n} tokens) + max_tokens ({wanted}) exceeds the model's context of "
                               f"{self.max_model_len} tokens")
-        if n + wanted > room:
+        if n + wanted > self.capacity_tokens:
             raise Glm45vError(f"prompt ({n} tokens) + max_tokens ({wanted}) exceeds the KV cache "
                               f"({self.capacity_tokens} tokens)")
-        req = _Request(request_id, enc.prompt, list(enc.token_ids), params, [],
-                       RequestMetrics(arrival_time=time.perf_counter()))
+        return enc
+
+    def add_encoded(self, enc: EncodedPrompt, params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request `encode` made; returns its id."""
+        request_id = str(next(_request_ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise Glm45vError(f"request id {request_id!r} is already in use")
+        n = len(enc.token_ids)
+        req = Request(request_id, enc.prompt, list(enc.token_ids), params, [],
+                      RequestMetrics(arrival_time=time.perf_counter()))
         for i in range(params.n):
             seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images)
             if params.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(_derived_seed(params.seed, i))
+                seq.generator = torch.Generator(device=self.device).manual_seed(derived_seed(params.seed, i))
             detok = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
-            comp = _Completion(i, seq, detok, logprobs=[] if params.logprobs is not None else None)
+            comp = Completion(i, seq, detok, logprobs=[] if params.logprobs is not None else None)
             req.completions.append(comp)
             req.metrics.token_times.append([])
             self._owner[seq.seq_id] = (req, comp)
@@ -167,12 +158,19 @@ class Engine:
             self.scheduler.add(comp.seq)
         return request_id
 
-    def abort(self, request_id: str, report: bool = True) -> None:
-        """Stop a request wherever it is; its blocks are free at once. The next step reports it finished, unless
-        report is False: then it is forgotten now."""
+    def add_request(self, request: str | dict, params: SamplingParams, enable_thinking: bool | None = None,
+                    request_id: str | None = None) -> str:
+        """Encode and queue one request; returns its id. Raises Glm45vError, and queues nothing, when the
+        request is malformed or can never fit."""
+        return self.add_encoded(self.encode(request, params, enable_thinking), params, request_id)
+
+    def abort(self, request_id: str, report: bool = True, error: str | None = None) -> None:
+        """Stop a request wherever it is; its blocks are free at once. The next step reports it finished (with
+        `error` when the engine ended it), unless report is False: then it is forgotten now."""
         req = self._requests.get(str(request_id))
         if req is None:
             return
+        req.error = req.error or error
         for comp in req.completions:
             if comp.seq.status is not Status.FINISHED:
                 comp.detok.finish()
@@ -192,8 +190,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        live = [r for r in self._requests.values() if not r.finished]
+        running = sum(r.running for r in live)
         return EngineStats(self.blocks.num_blocks, self.blocks.num_free, self.blocks.block_size, self.blocks.hits,
-                           s.preemptions, len(s.running), len(s.waiting), len(self._requests), *self._timing)
+                           s.preemptions, len(s.running), len(s.waiting), len(self._requests), running,
+                           len(live) - running, *self._timing)
 
     def close(self) -> None:
         self.cluster.close()
@@ -208,28 +209,28 @@ class Engine:
         t0 = time.perf_counter()
         for seq_id in self.scheduler.take_retired():
             self.runner.forget(seq_id)
-        batch = self.scheduler.schedule()
+        suspect = self._suspect()
+        batch = self.scheduler.schedule(None if suspect is None else {c.seq for c in suspect.completions})
         if not batch.seqs:
-            if self.scheduler.has_work():
-                raise Glm45vError(f"the scheduler cannot place any of {len(self.scheduler.waiting)} waiting "
-                                  "request(s) although nothing runs (a bug: please report it)")
-            drop = self.runner.drop_only()
-            if drop is not None:
-                with self.cluster.collective():
-                    self.cluster.send(drop)
-                    self.runner.execute(drop)
-                self.runner.pending_drops.difference_update(drop.drop_images)
-            return self._emit()
+            return self._idle_step(suspect)
         plan = self.runner.prepare(batch)
         t1 = time.perf_counter()
-        with self.cluster.collective():
-            self.cluster.send(plan.inputs)
-            logits = self.runner.execute(plan.inputs)
-        sampled = self._sample(plan, logits) if plan.samplers else None
-        platform.synchronize(self.device)
+        try:
+            with self.cluster.collective():
+                self.cluster.send(plan.inputs)
+                logits = self.runner.execute(plan.inputs)
+            sampled = self._sample(plan, logits) if plan.samplers else None
+            platform.synchronize(self.device)
+        except Exception as e:  # nothing is committed: find the request at fault, keep the others
+            if self.cluster.broken:
+                raise
+            return self._failed(batch, e)
         t2 = time.perf_counter()
         # nothing above changed a sequence; from here on the step is committed
         self.runner.commit(plan)
+        if suspect is not None:
+            suspect.strikes = 0
+            self._suspects.popleft()
         now = time.perf_counter()
         for seq in batch.seqs:
             self.blocks.register(seq)
@@ -246,6 +247,54 @@ class Engine:
         self._timing[1] += (t1 - t0) + (t3 - t2)
         self._timing[2] += t2 - t1
         return outs
+
+    def _suspect(self) -> Request | None:
+        """The request the next step runs alone, while a failed step's requests are being tried one by one."""
+        while self._suspects and self._suspects[0].finished:
+            self._suspects.popleft()
+        return self._suspects[0] if self._suspects else None
+
+    def _idle_step(self, suspect: Request | None) -> list[RequestOutput]:
+        """Nothing to compute: drop vision outputs of retired sequences on every rank; end a request that can
+        never be placed (nothing runs, so nothing will ever free blocks for it)."""
+        if suspect is not None:  # it could not be placed on its own now: it is not at fault
+            self._suspects.popleft()
+        elif self.scheduler.waiting and not self.scheduler.running:
+            seq = self.scheduler.waiting[0]
+            req, _ = self._owner[seq.seq_id]
+            log.error("request %s cannot be placed: %d tokens need %d blocks, the cache has %d", req.request_id,
+                      len(seq), self.blocks.blocks_needed(seq, len(seq)), self.blocks.num_blocks)
+            self.abort(req.request_id, error=f"the request ({len(seq)} tokens) no longer fits the KV cache "
+                                             f"({self.capacity_tokens} tokens)")
+        drop = self.runner.drop_only()
+        if drop is not None:
+            with self.cluster.collective():
+                self.cluster.send(drop)
+                self.runner.execute(drop)
+            self.runner.pending_drops.difference_update(drop.drop_images)
+        return self._emit()
+
+    def _failed(self, batch, error: Exception) -> list[RequestOutput]:
+        """A step failed and changed nothing. With several requests in it, they run one at a time from now on;
+        a request that fails twice in a row on its own is ended with the error, and the others go on."""
+        why = f"{type(error).__name__}: {error}"
+        reqs = list(dict.fromkeys(self._owner[s.seq_id][0] for s in batch.seqs))
+        if len(reqs) > 1:
+            log.warning("a step of %d requests failed (%s); running them one at a time", len(reqs), why)
+            self._suspects = deque(reqs)
+            return self._emit()
+        req = reqs[0]
+        req.strikes += 1
+        if req.strikes < 2:
+            log.warning("a step of request %s failed (%s); retrying it on its own", req.request_id, why)
+            if not self._suspects or self._suspects[0] is not req:
+                self._suspects.appendleft(req)
+            return self._emit()
+        log.error("request %s failed twice on its own (%s); ending it", req.request_id, why)
+        if self._suspects and self._suspects[0] is req:
+            self._suspects.popleft()
+        self.abort(req.request_id, error=f"the engine failed on this request ({why})")
+        return self._emit()
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> Sampled:
         seqs = plan.samplers
@@ -275,7 +324,8 @@ class Engine:
         is_stop_id = token in p.stop_token_ids
         if not (is_eos or is_stop_id):
             comp.detok.add(token)
-        limit = min(p.max_tokens or self.max_model_len, self.max_model_len - seq.prompt_len)
+        limit = min(p.max_tokens or self.max_model_len, self.max_model_len - seq.prompt_len,
+                    self.capacity_tokens - seq.prompt_len)  # a sequence never outgrows the whole cache
         reason = None
         if is_eos or is_stop_id:
             reason, comp.stop_reason = "stop", token if is_stop_id else None
@@ -301,9 +351,9 @@ class Engine:
             kind = req.params.output_kind
             done = req.finished
             if kind == "cumulative" or (kind == "final_only" and done):
-                outs.append(self._output(req, delta=False))
+                outs.append(req.output(delta=False))
             elif kind == "delta":
-                outs.append(self._output(req, delta=True))
+                outs.append(req.output(delta=True))
             for comp in req.completions:
                 comp.changed = False
             if done:
@@ -312,30 +362,7 @@ class Engine:
         self._dirty.clear()
         return outs
 
-    def _forget(self, req: _Request) -> None:
+    def _forget(self, req: Request) -> None:
         del self._requests[req.request_id]
         for comp in req.completions:
             del self._owner[comp.seq.seq_id]
-
-    def _output(self, req: _Request, delta: bool) -> RequestOutput:
-        outputs = []
-        for c in req.completions:
-            if delta and not c.changed:
-                continue
-            seq = c.seq
-            t0, x0 = (c.sent_tokens, c.sent_text) if delta else (0, 0)
-            outputs.append(CompletionOutput(
-                index=c.index, text=c.text[x0:], token_ids=seq.output_ids[t0:],
-                cumulative_logprob=sum(seq.logprobs) if c.logprobs is not None else None,
-                logprobs=c.logprobs[t0:] if c.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=c.stop_reason))
-            c.sent_tokens, c.sent_text = seq.num_output, len(c.text)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, req.finished, req.metrics,
-                             req.num_cached_tokens)
-
-
-def _derived_seed(seed: int, index: int) -> int:
-    """Sample i of a seeded request with n > 1: sample 0 uses the seed itself, so n=1 and n>1 agree on it."""
-    if index == 0:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1

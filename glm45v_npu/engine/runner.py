@@ -98,7 +98,7 @@ class ModelRunner:
                 samplers.append(s)
                 sample_rows.append(offset - 1)
         encoded = [e[0] for e in encode]
-        drops = (self.pending_drops | set(images_done)) - (set(encoded) - set(images_done))
+        drops = self.pending_drops - set(encoded)  # done in committed steps; a retried step still finds its own
         inputs = StepInputs(
             token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
@@ -114,6 +114,7 @@ class ModelRunner:
         self.encoded.update(plan.encoded)
         self.encoded.difference_update(plan.images_done)
         self.pending_drops.difference_update(plan.inputs.drop_images, plan.encoded)
+        self.pending_drops.update(plan.images_done)  # dropped by the next step, once this one has held
 
     def forget(self, seq_id: int) -> None:
         """A preempted or finished sequence: drop any vision output it may have (also one a failed step left)
@@ -125,11 +126,14 @@ class ModelRunner:
         """With nothing to schedule, a step that only drops vision outputs on every rank."""
         if not self.pending_drops:
             return None
-        return StepInputs([], torch.zeros(3, 0, dtype=torch.long), [], [], [], [], drop_images=sorted(self.pending_drops))
+        return StepInputs([], torch.zeros(3, 0, dtype=torch.long), [], [], [], [],
+                          drop_images=sorted(self.pending_drops))
 
     @torch.inference_mode()
     def execute(self, inp: StepInputs) -> torch.Tensor:
         m = self.model
+        for seq_id in inp.drop_images:  # vision outputs no committed step needs any more
+            self.image_embeds.pop(seq_id, None)
         for seq_id, pixels, grids in inp.encode:
             # one image at a time: the vision tower's peak memory is that of the largest image, not of the batch
             self.image_embeds[seq_id] = torch.cat(
@@ -137,13 +141,11 @@ class ModelRunner:
         B = len(inp.query_lens)
         if (self.graphs is not None and B and self.graphs.fits(B) and len(inp.token_ids) == B
                 and not inp.image_rows and inp.sample_rows == list(range(B))):  # a plain decode step
-            self._drop_images(inp.drop_images)
             bucket = self.graphs.load(inp.token_ids, inp.positions, inp.context_lens, inp.block_tables)
             return self.graphs.run(bucket)[:B]
         embeds = m.embed(torch.tensor(inp.token_ids, dtype=torch.long, device=self.device))
         for seq_id, src, dst, count in inp.image_rows:
             embeds[dst : dst + count] = self.image_embeds[seq_id][src : src + count].to(embeds.dtype)
-        self._drop_images(inp.drop_images)
         if not inp.token_ids:
             return embeds.new_zeros(0)
         ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
@@ -151,7 +153,3 @@ class ModelRunner:
         if not inp.sample_rows:
             return hidden.new_zeros(0)
         return m.logits(hidden[torch.tensor(inp.sample_rows, device=self.device)])
-
-    def _drop_images(self, seq_ids: list[int]) -> None:
-        for seq_id in seq_ids:
-            self.image_embeds.pop(seq_id, None)

@@ -87,7 +87,8 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     probs = torch.softmax(logits / temp, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=dev)[None]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else probs.shape[1] for p in params], device=dev)[:, None]
+    top_k = torch.tensor([min(p.top_k, probs.shape[1]) if p.top_k > 0 else probs.shape[1] for p in params],
+                         device=dev)[:, None]
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
     before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token

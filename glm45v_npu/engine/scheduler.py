@@ -43,11 +43,13 @@ class Scheduler:
         out, self._retired = self._retired, []
         return out
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, only: set[Sequence] | None = None) -> ScheduledBatch:
+        """The next step's sequences and their new-token counts; with `only`, those sequences alone (the engine
+        runs a failed step's requests one at a time)."""
         batch = ScheduledBatch([], [])
         budget = self.max_tokens
         for seq in list(self.running):
-            if seq not in self.running:  # preempted while making room for an older sequence
+            if seq not in self.running or (only is not None and seq not in only):  # preempted meanwhile
                 continue
             n = min(len(seq) - seq.num_computed, budget)
             if n <= 0:
@@ -63,14 +65,17 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        queue = self.waiting if only is None else deque(s for s in self.waiting if s in only)
+        while queue and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = queue[0]
             self.blocks.admit(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 self.blocks.release(seq)
                 break
-            self.waiting.popleft()
+            queue.popleft()
+            if queue is not self.waiting:
+                self.waiting.remove(seq)
             self.blocks.hits += seq.num_cached  # counted once, when the admission holds
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING

@@ -21,6 +21,7 @@ from ..model.glm4v_moe import build_model, load_model
 from ..model.hf_config import ModelConfig
 from ..model.loader import init_dummy_weights
 from ..parallel import layout as collectives
+from ..parallel.cluster import KEEP_ALIVE
 from ..parallel.layout import Layout
 from .config import EngineConfig
 from .memory import WarmupStep, kv_budget, kv_bytes_per_token
@@ -36,7 +37,7 @@ class RankSpec:
     path: str
     model: ModelConfig
     dtype: torch.dtype
-    device_type: str
+    device: torch.device  # rank 0's device; rank r takes the r-th one after it
     world: int
     max_image_patches: int = 0  # the largest image the processor can produce, for the warm-up
 
@@ -44,8 +45,11 @@ class RankSpec:
         return Layout(rank, self.world, self.config.enable_expert_parallel)
 
 
-def rank_device(device_type: str, rank: int) -> torch.device:
-    return torch.device("cpu") if device_type == "cpu" else torch.device(device_type, rank)
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: `--device cuda:1` puts rank 0 on cuda:1 and rank 1 on cuda:2 (the CPU has one)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device.type, (device.index or 0) + rank)
 
 
 def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: bool = False):
@@ -75,7 +79,7 @@ def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: b
 def worker_main(rank: int, spec: RankSpec, init_method: str) -> NoReturn:
     """A follower rank: build its part, then execute rank 0's step commands until told to stop."""
     layout = spec.layout(rank)
-    device = rank_device(spec.device_type, rank)
+    device = rank_device(spec.device, rank)
     if device.type != "cpu":
         platform.device_module(device).set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
@@ -83,8 +87,9 @@ def worker_main(rank: int, spec: RankSpec, init_method: str) -> NoReturn:
     try:
         collectives.init(layout, device, init_method, spec.config.dist_timeout_s)
         _, runner, _, _ = build_rank(spec, layout, device)
-        while (inputs := collectives.broadcast(None)) is not None:
-            runner.execute(inputs)
+        while (command := collectives.broadcast(None)) is not None:
+            if command != KEEP_ALIVE:
+                runner.execute(command)
     except Exception:
         traceback.print_exc(file=sys.stderr)
         code = 1

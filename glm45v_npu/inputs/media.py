@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,17 @@ def data_uri_bytes(uri: str, name: str) -> bytes:
         raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
 
 
-def open_image(image: Any, name: str | None = None):
+def open_image(image: Any, name: str | None = None, max_pixels: int | None = None):
     """A PIL image, a path, raw bytes or a data: URI -> RGB PIL image (EXIF orientation applied, first frame of
-    animations, transparency over white, 16-bit scaled down)."""
+    animations, transparency over white, 16-bit scaled down). An encoded image over `max_pixels` is refused from
+    its header, before any pixel is decoded."""
     from PIL import Image, ImageOps
 
     name = name or describe_media(image, 0)
     if isinstance(image, Image.Image):
         img = image
     else:
-        img = _decode(image, name)
+        img = _decode(image, name, max_pixels)
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)
@@ -58,7 +60,7 @@ def open_image(image: Any, name: str | None = None):
         raise Glm45vError(f"{name}: cannot be decoded ({e})") from None
 
 
-def _decode(source: Any, name: str):
+def _decode(source: Any, name: str, max_pixels: int | None = None):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (str, Path)) and str(source).startswith("data:"):
@@ -70,7 +72,13 @@ def _decode(source: Any, name: str):
         raise Glm45vError(f"{name}: expected a path, bytes, a data: URI or a PIL image, got {type(source).__name__}")
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        img = Image.open(stream)
+        with warnings.catch_warnings():  # the size is checked here, against a limit of our own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise Glm45vError(f"{name}: {width}x{height} is over the {max_pixels:,}-pixel limit for one image "
+                              "(a few times what the model sees; scale it down first)")
         img.load()
     except FileNotFoundError:
         raise Glm45vError(f"{name}: no such file") from None

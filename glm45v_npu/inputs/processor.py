@@ -19,9 +19,14 @@ import torch
 
 from ..errors import Glm45vError
 from ..model.hf_config import ModelConfig
+from .chat_template import control_pattern, render
 from .media import describe_media, open_image
 from .messages import REQUEST_KEYS, request_media, split_media
 from .mrope import mrope_positions, num_image_tokens
+
+SOURCE_PIXELS_FACTOR = 4  # an image may have 4x the pixels the model sees (it is scaled down),
+SOURCE_PIXELS_FLOOR = 32 * 10**6  # and 32 Mpx in any case (a camera photo); beyond, it is refused from its header
+REQUEST_PIXELS_FACTOR = 8  # one request may carry 8 such images' worth
 
 
 @dataclass
@@ -77,8 +82,8 @@ class Processor:
                 self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             except (OSError, ValueError) as e:
                 raise Glm45vError(f"{path}: cannot load the tokenizer ({e})") from None
-        self.image_processor = (_load_image_processor(Path(path), max_pixels, image_kwargs or {})
-                                if cfg.is_multimodal else None)
+        self.image_processor, self.budget_pixels = (_load_image_processor(Path(path), max_pixels, image_kwargs or {})
+                                                    if cfg.is_multimodal else (None, 0))
         self.max_images = (limits or {}).get("image")
         self.max_videos = (limits or {}).get("video")
         self.video_cfg = None
@@ -88,6 +93,18 @@ class Processor:
             self.video_cfg = load_video_config(Path(path))
         self.merge = cfg.vision.spatial_merge_size if cfg.vision else 1
         self.eos_token_ids = checkpoint_eos_ids(Path(path), cfg, self.tokenizer)
+        self.control = control_pattern(self.tokenizer) if self.tokenizer is not None else None
+
+    @property
+    def max_source_pixels(self) -> int:
+        """The largest image taken at all: a few times the checkpoint's pixel budget (an image is resized down to
+        it) and at least 32 Mpx, refused from its header beyond; --max-pixels lowers what the model sees, not what
+        it may be given."""
+        return max(SOURCE_PIXELS_FACTOR * self.budget_pixels, SOURCE_PIXELS_FLOOR)
+
+    @property
+    def max_request_pixels(self) -> int:
+        return REQUEST_PIXELS_FACTOR * self.max_source_pixels
 
     @property
     def max_image_patches(self) -> int:
@@ -122,11 +139,9 @@ class Processor:
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
             try:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                          **kwargs)
+                ids, text = render(self.tokenizer, self.control, messages, **kwargs)
             except Exception as e:  # jinja raises its own types for a message the template cannot render
                 raise Glm45vError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif form == "prompt":
             text = request["prompt"]
             if not isinstance(text, str):
@@ -166,10 +181,15 @@ class Processor:
             raise Glm45vError(f"the request has {len(videos)} videos; limit_mm_per_prompt allows {self.max_videos}")
         if videos and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: videos need the checkpoint's tokenizer (for frame timestamps)")
-        names = [describe_media(im, k) for k, im in enumerate(images)]
-        opened = [open_image(im, name) for im, name in zip(images, names)]
-        pixels, grids = preprocess_images(opened, self.image_processor, names) if opened else (None, [])
-        image_parts = list(zip(pixels.split([t * h * w for t, h, w in grids]), grids)) if grids else []
+        image_parts, budget = [], self.max_request_pixels
+        for k, source in enumerate(images):  # one at a time: one decoded image in memory at once
+            name = describe_media(source, k)
+            image = open_image(source, name, self.max_source_pixels)
+            budget -= image.width * image.height
+            if budget < 0:
+                raise Glm45vError(f"{name}: the request's images are over {self.max_request_pixels:,} pixels in all")
+            pixels, grids = preprocess_images([image], self.image_processor, [name])
+            image_parts.append((pixels, grids[0]))
         read = [self._video(v, k) for k, v in enumerate(videos)]
         out, spans, all_grids, prev = [], [], [], 0
         pending_images, pending_videos = iter(image_parts), iter(read)
@@ -212,17 +232,19 @@ def image_processor_class():
 
 
 def _load_image_processor(path: Path, max_pixels: int | None, extra: dict[str, Any]):
+    """-> (the image processor with the user's budget applied, the larger of its budget and the checkpoint's)."""
     cls = image_processor_class()
     file = path / "preprocessor_config.json"
     kwargs: dict[str, Any] = {}
     if file.is_file():
-        raw = json.loads(file.read_text())
+        raw = _json_object(file)
         size = raw.get("size") or {}
         kwargs = {k: raw[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
                   if k in raw}
         if size:
             kwargs["size"] = dict(size)
     size = kwargs.setdefault("size", dict(cls.size))
+    checkpoint_pixels = int(size.get("longest_edge") or cls.size["longest_edge"])
     for ours, theirs in (("max_pixels", "longest_edge"), ("min_pixels", "shortest_edge")):
         if ours in extra:
             size[theirs] = int(extra[ours])
@@ -230,8 +252,9 @@ def _load_image_processor(path: Path, max_pixels: int | None, extra: dict[str, A
         size["longest_edge"] = min(size.get("longest_edge", max_pixels), max_pixels)
     size["shortest_edge"] = min(size.get("shortest_edge", 0), size["longest_edge"])
     try:
-        return cls(**kwargs, **{k: v for k, v in extra.items() if k not in ("max_pixels", "min_pixels")})
-    except (TypeError, ValueError) as e:
+        processor = cls(**kwargs, **{k: v for k, v in extra.items() if k not in ("max_pixels", "min_pixels")})
+        return processor, max(checkpoint_pixels, int(processor.size.longest_edge))
+    except (TypeError, ValueError, KeyError) as e:
         raise Glm45vError(f"mm_processor_kwargs {extra!r}: the image processor refuses them ({e})") from None
 
 
@@ -239,25 +262,38 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def generation_defaults(path: Path) -> dict[str, Any]:
-    """Sampling defaults from the checkpoint's generation_config.json, under SamplingParams' names."""
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
+def _json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file that must hold an object; a malformed one is an error naming it."""
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Glm45vError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise Glm45vError(f"{file}: expected a JSON object")
+    return raw
+
+
+def generation_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json ({} when it has none)."""
+    file = path / "generation_config.json"
+    return _json_object(file) if file.is_file() else {}
+
+
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json, under SamplingParams' names."""
+    raw = generation_config(path)
     return {ours: raw[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if raw.get(theirs) is not None}
 
 
 def checkpoint_eos_ids(path: Path, cfg: ModelConfig, tokenizer) -> list[int]:
     """Every id that ends an answer: config.json's eos ids, generation_config.json's, else the tokenizer's."""
     ids = list(cfg.text.eos_token_ids)
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    eos = generation_config(path).get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise Glm45vError(f"{path / 'generation_config.json'}: eos_token_id must be an integer or a list of them, "
+                          f"got {eos!r}")
+    ids += eos
     if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))

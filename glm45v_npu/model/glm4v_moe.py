@@ -28,8 +28,9 @@ class Glm4vMoe(nn.Module):
         real = max(0, min(rows, cfg.text.vocab_size - start))  # the last rank's padding rows stay zero
         self.lm_head = Linear(cfg.text.hidden_size, rows,
                               parts=[("lm_head", real, start if layout.world > 1 else None)])
-        if cfg.text.tie_word_embeddings:
+        if cfg.text.tie_word_embeddings:  # one tensor (the embedding) fills both; same vocab split per rank
             self.lm_head.weight = self.language_model.embed_tokens.weight
+            self.lm_head.parts = []
 
     def encode_images(self, pixel_patches: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """One [tokens_i, hidden] embedding per image, in order."""

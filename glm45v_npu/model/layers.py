@@ -43,8 +43,9 @@ def sibling(prefix: str, name: str) -> str:
 
 class Linear(nn.Module):
     """y = x W^T (+ b). `parts`: the checkpoint tensors stacked into W's rows, as (name next to this layer, rows
-    here, first row this rank reads or None for all); `col_start`: this rank reads W's columns from there (a
-    row-parallel layer); `flat`: W is a convolution's kernel, flattened."""
+    here, first row this rank reads or None for all; [] when another layer's tensor fills W, as with tied
+    embeddings); `col_start`: this rank reads W's columns from there (a row-parallel layer); `flat`: W is a
+    convolution's kernel, flattened."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  parts: list[tuple[str, int, int | None]] | None = None, col_start: int | None = None,

@@ -7,6 +7,7 @@ What a follower does is the engine's business (engine/worker.py); this module on
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from ..errors import Glm45vError
 from . import layout as collectives
 from .layout import Layout, free_port
 
+KEEP_ALIVE = "keep-alive"  # a command followers receive and ignore
+
 
 class Cluster:
     """Rank 0's side of a replica over several ranks: starts the other ranks (unless torchrun did), sends each
@@ -31,6 +34,9 @@ class Cluster:
         pickled to it."""
         self.world, self.workers, self.broken = layout.world, [], None
         self._finalizer = None
+        self._lock = threading.RLock()  # one collective at a time: a step, or a keep-alive
+        self._last_send = time.monotonic()
+        self._idle = threading.Event()  # set: stop the keep-alive thread
         if self.world == 1:
             return
         init_method = "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}"
@@ -47,20 +53,23 @@ class Cluster:
             if device.type != "cpu":
                 platform.device_module(device).set_device(device)
             collectives.init(layout, device, init_method, timeout_s)
+        self.keepalive_s = max(0.5, min(5.0, timeout_s / 4))
+        threading.Thread(target=self._keep_alive, name="glm45v-keepalive", daemon=True).start()
 
     @contextmanager
     def collective(self) -> Iterator[None]:
         """Work that the other ranks take part in: on several ranks any failure in it ends the run."""
-        if self.broken:
-            raise Glm45vError(self.broken)
-        try:
-            yield
-        except Glm45vError:
-            raise
-        except Exception as e:
-            if self.world > 1:
-                self.fail(e)
-            raise
+        with self._lock:
+            if self.broken:
+                raise Glm45vError(self.broken)
+            try:
+                yield
+            except Glm45vError:
+                raise
+            except Exception as e:
+                if self.world > 1:
+                    self.fail(e)
+                raise
 
     def send(self, command: Any) -> None:
         """One step's command to every follower (pickled; None tells them to stop)."""
@@ -68,6 +77,23 @@ class Cluster:
             if any(p.exitcode is not None for p in self.workers):
                 raise RuntimeError("a worker exited")
             collectives.broadcast(command)
+            self._last_send = time.monotonic()
+
+    def _keep_alive(self) -> None:
+        """While rank 0 is idle (a server between requests, a chat waiting for its user), followers wait in a
+        broadcast that would time out after dist_timeout_s: a no-op command every few seconds keeps them, and
+        finds a dead rank before the next request does."""
+        while not self._idle.wait(self.keepalive_s / 2):
+            if self.broken or time.monotonic() - self._last_send < self.keepalive_s:
+                continue
+            if self._lock.acquire(blocking=False):
+                try:
+                    with self.collective():
+                        self.send(KEEP_ALIVE)
+                except Glm45vError:
+                    return
+                finally:
+                    self._lock.release()
 
     def fail(self, error: Exception) -> NoReturn:
         """A collective failed: name the rank that died (if one did) instead of a raw backend error."""
@@ -90,8 +116,10 @@ class Cluster:
 
     def close(self) -> None:
         """Stop the worker ranks and leave the process group."""
-        if self._finalizer is not None and self.broken is None:
-            self._finalizer()
+        self._idle.set()
+        with self._lock:
+            if self._finalizer is not None and self.broken is None:
+                self._finalizer()
 
 
 def _shutdown(workers: list) -> None:

@@ -3,19 +3,19 @@
 never a traceback; a client that goes away has its request aborted within one engine step.
 
 build_app wires the rooms together: the state every route shares (state.py), the guard in front of every
-request, the error handlers (http.py) and one router per endpoint group (routes_*.py)."""
+request (guard.py), the error handlers (http.py) and one router per endpoint group (routes_*.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from . import routes_chat, routes_completions, routes_info
 from .engine_loop import EngineLoop
-from .http import error_response, install_error_handlers
+from .guard import Guard
+from .http import install_error_handlers
 from .metrics import Metrics
 from .state import ServeConfig, ServerState
 
@@ -34,21 +34,7 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="glm45v-npu", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server, app.state.engine = state, engine
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                metrics.rejected(401)
-                return error_response(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                      "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            metrics.rejected(413)
-            return error_response(413, f"the body is over {config.max_body_bytes // 2**20} MiB", code="body_too_large")
-        return await call_next(request)
-
+    app.add_middleware(Guard, config=config, metrics=metrics)
     install_error_handlers(app, metrics)
     for router in (routes_info.router, routes_chat.router, routes_completions.router):
         app.include_router(router)

@@ -1,16 +1,22 @@
 """The engine in one background thread, driven by step(); HTTP handlers talk to it through commands.
 
-The engine is not thread-safe, so every call into it (add, abort, step) happens on this thread. A handler
-submits a request and gets back its id and an asyncio.Queue that receives each RequestOutput (and finally None);
-an abort is applied before the next step, so a client that disconnects frees its blocks within one step.
+The engine is not thread-safe, so every call that changes it (add, abort, step) happens on this thread. What a
+request needs before the engine sees it (the chat template, tokenizing, decoding and resizing its media) runs in
+a small pool of worker threads instead (`Engine.encode` touches no engine state), so a large image never pauses
+the other streams. A handler submits a request and gets back its id and an asyncio.Queue that receives each
+RequestOutput (and finally None); an abort is applied before the next step, so a client that disconnects frees
+its blocks within one step. When the engine cannot go on (a rank died), every request gets one error, new ones
+are refused with 503 and /health says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,24 +29,32 @@ class Overloaded(Exception):
     """More requests wait than --max-waiting allows."""
 
 
+class Unavailable(Exception):
+    """The engine cannot serve any more (a rank died, a collective failed)."""
+
+
 @dataclass
-class _Submit:
-    request: Any
+class _Add:
+    encoded: Any
     params: Any
-    enable_thinking: bool | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class EngineLoop:
-    def __init__(self, llm, max_waiting: int | None = None, on_output=None, on_step=None):
+    def __init__(self, llm, max_waiting: int | None = None, on_output=None, on_step=None,
+                 media_workers: int | None = None):
         self.llm, self.max_waiting = llm, max_waiting
         self.on_output, self.on_step = on_output, on_step  # metrics hooks, called on the engine thread
         self.commands: queue.Queue = queue.Queue()
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.waiting = 0  # accepted, not yet running (a snapshot the handlers read)
+        self.pool = ThreadPoolExecutor(max_workers=media_workers or min(4, os.cpu_count() or 1),
+                                       thread_name_prefix="glm45v-media")
+        self.preparing = 0  # requests being encoded in the pool (read and written on the event loop)
+        self.waiting = 0  # requests accepted and not yet running (a snapshot the handlers read)
         self.running = 0
+        self.broken: str | None = None
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="glm45v-engine", daemon=True)
 
@@ -52,14 +66,31 @@ class EngineLoop:
         self._stop.set()
         self.commands.put(None)
         self.thread.join(timeout=60)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.broken is None and self.thread.is_alive()
 
     # --- called from the event loop ------------------------------------------------------------------------
 
-    async def submit(self, request: Any, params: Any, enable_thinking: bool | None) -> tuple[str, asyncio.Queue]:
-        if self.max_waiting is not None and self.waiting + self.commands.qsize() >= self.max_waiting:
-            raise Overloaded(f"{self.waiting} requests are waiting (--max-waiting {self.max_waiting})")
+    async def submit(self, request: Any, params: Any, enable_thinking: bool | None = None
+                     ) -> tuple[str, asyncio.Queue]:
+        """Encode the request in the media pool, then queue it on the engine thread. Glm45vError: the request is
+        at fault; Overloaded and Unavailable: the server is."""
+        if self.broken is not None:
+            raise Unavailable(self.broken)
+        if self.max_waiting is not None and self.waiting + self.preparing >= self.max_waiting:
+            raise Overloaded(f"{self.waiting + self.preparing} requests are waiting (--max-waiting "
+                             f"{self.max_waiting})")
         loop = asyncio.get_running_loop()
-        cmd = _Submit(request, params, enable_thinking, loop, loop.create_future())
+        self.preparing += 1
+        try:
+            encoded = await loop.run_in_executor(self.pool, self.llm.engine.encode, request, params,
+                                                 enable_thinking)
+        finally:
+            self.preparing -= 1
+        cmd = _Add(encoded, params, loop, loop.create_future())
         self.commands.put(cmd)
         rid = await cmd.future
         return rid, cmd.outputs
@@ -80,13 +111,16 @@ class EngineLoop:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _apply(self, cmd: Any) -> None:
-        if isinstance(cmd, _Submit):
+        if isinstance(cmd, _Add):
             try:
-                rid = self.llm.add_request(cmd.request, cmd.params, cmd.enable_thinking)
-            except Exception as e:  # a bad request (or a bug while encoding it) goes back to its handler
+                if self.broken is not None:
+                    raise Unavailable(self.broken)
+                rid = self.llm.engine.add_encoded(cmd.encoded, cmd.params)
+            except Exception as e:  # goes back to its handler
                 cmd.loop.call_soon_threadsafe(_settle, cmd.future, None, e)
                 return
             self.queues[rid] = (cmd.loop, cmd.outputs)
+            self.waiting += 1
             cmd.loop.call_soon_threadsafe(_settle, cmd.future, rid, None)
         elif isinstance(cmd, tuple) and cmd[0] == "abort":
             self.llm.abort(cmd[1])
@@ -106,25 +140,27 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(wait=not self.llm.has_unfinished())
-            if not self._stop.is_set() and self.llm.has_unfinished():
+            self._drain(wait=self.broken is not None or not self.llm.has_unfinished())
+            if not self._stop.is_set() and self.broken is None and self.llm.has_unfinished():
                 self._step()
         for rid in list(self.queues):
             self.llm.abort(rid)
-        while self.llm.has_unfinished():
+        while self.broken is None and self.llm.has_unfinished():
             self._step()
 
     def _step(self) -> None:
         try:
             outs = self.llm.step()
-        except Exception as e:  # the step changed nothing (see Engine.step); fail its requests, keep serving
-            log.error("engine step failed: %s: %s", type(e).__name__, e)
+        except Exception as e:  # the engine isolates a request's own failures, so this one is everyone's
+            self.broken = str(e) if isinstance(e, Glm45vError) else f"the engine failed ({type(e).__name__}: {e})"
+            log.error("engine cannot go on: %s", self.broken)
             for rid in list(self.queues):
-                self.llm.abort(rid)
-                self._deliver(rid, Glm45vError(f"the engine failed on this request's step ({type(e).__name__})"))
+                self._deliver(rid, Glm45vError(self.broken))
+            self.queues.clear()
+            self.waiting = self.running = 0
             return
         stats = self.llm.stats()
-        self.waiting, self.running = stats.waiting, stats.running
+        self.waiting, self.running = stats.waiting_requests, stats.running_requests
         if self.on_step:
             self.on_step(stats)
         for out in outs:

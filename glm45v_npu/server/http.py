@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FieldError, Glm45vError
-from .engine_loop import Overloaded
+from .engine_loop import Overloaded, Unavailable
 from .metrics import Metrics
 from .state import ServerState
 
@@ -61,17 +61,20 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
 
 async def parse(request: Request, state: ServerState, model: type[BaseModel]) -> Any:
-    """The body as `model`, or an ApiError that names the field at fault."""
+    """The body (the guard has checked its size and type) as `model`, or an ApiError that names the field at
+    fault."""
     config = state.config
-    raw = await request.body()
-    if len(raw) > config.max_body_bytes:
-        raise ApiError(413, f"the body is over {config.max_body_bytes // 2**20} MiB", code="body_too_large")
     try:
-        data = json.loads(raw)
+        data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, or nesting deeper than the parser goes
+        raise ApiError(400, f"the body is JSON this server does not read ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    where = lone_surrogate(data)
+    if where is not None:
+        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate (not a character)", param=where)
     try:
         req = model.model_validate(data)
     except ValidationError as e:
@@ -85,6 +88,23 @@ async def parse(request: Request, state: ServerState, model: type[BaseModel]) ->
     if bad:
         raise ApiError(400, f"{bad} is not supported by this server", param=bad)
     return req
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """Where in the body a string holds a lone surrogate (JSON escapes allow it; no tokenizer takes it)."""
+    stack = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -105,6 +125,8 @@ async def submit(state: ServerState, request: Any, params: Any) -> tuple[str, as
         return await state.engine.submit(request, params, None)
     except Overloaded as e:
         raise ApiError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
+    except Unavailable as e:
+        raise ApiError(503, f"the engine cannot serve: {e}", "server_error", code="unavailable") from None
 
 
 async def final(request: Request, state: ServerState, rid: str, outputs: asyncio.Queue):
@@ -122,9 +144,12 @@ async def final(request: Request, state: ServerState, rid: str, outputs: asyncio
         done, _ = await asyncio.wait({task}, timeout=0.25)
         if done:
             try:
-                return task.result()
+                out = task.result()
             except Glm45vError as e:
                 raise ApiError(500, str(e), "server_error") from None
+            if out.error:
+                raise ApiError(500, out.error, "server_error")
+            return out
         if await request.is_disconnected():
             state.engine.abort(rid)
             task.cancel()

@@ -22,8 +22,8 @@ class Metrics:
         self.kv_usage = Gauge("glm45v_kv_cache_usage_ratio", "Share of KV-cache blocks in use", registry=r)
 
     def on_step(self, stats) -> None:
-        self.running.set(stats.running)
-        self.waiting.set(stats.waiting)
+        self.running.set(stats.running_requests)
+        self.waiting.set(stats.waiting_requests)
         self.kv_usage.set(1 - stats.free_blocks / max(1, stats.num_blocks))
 
     def on_output(self, out) -> None:

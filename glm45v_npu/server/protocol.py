@@ -14,6 +14,9 @@ from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
 
+TEMPLATE_KWARGS = {"enable_thinking": bool}
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 1024  # each stop string is searched for after every token
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -50,6 +53,10 @@ class _Sampling(BaseModel):
                  "repetition_penalty": self.repetition_penalty, "seed": self.seed, "max_tokens": max_tokens}
         values = {**defaults, **{k: v for k, v in given.items() if v is not None}}
         values.setdefault("max_tokens", None)
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stop) > MAX_STOP_STRINGS or any(len(t) > MAX_STOP_CHARS for t in stop):
+            raise FieldError("", "stop", f"{len(stop)} strings", f"at most {MAX_STOP_STRINGS} strings of at most "
+                             f"{MAX_STOP_CHARS} characters")
         return SamplingParams(**values, n=self.n,
                               stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -75,6 +82,18 @@ class ChatCompletionRequest(_Sampling):
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format"
         return None
+
+    def template_kwargs(self) -> dict:
+        """chat_template_kwargs, which reach the checkpoint's own template: an allow-list of values, never a
+        template of the client's (a template is code that would run in this process)."""
+        given = self.chat_template_kwargs or {}
+        for name, value in given.items():
+            if name not in TEMPLATE_KWARGS:
+                raise FieldError("", f"chat_template_kwargs.{name}", value,
+                                 f"not accepted here (accepted: {', '.join(sorted(TEMPLATE_KWARGS))})")
+            if not isinstance(value, TEMPLATE_KWARGS[name]):
+                raise FieldError("", f"chat_template_kwargs.{name}", value, "expected true or false")
+        return dict(given)
 
     def params(self, defaults: dict) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

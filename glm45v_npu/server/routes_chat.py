@@ -19,8 +19,9 @@ async def chat_completions(request: Request):
     state = state_of(request)
     req: p.ChatCompletionRequest = await parse(request, state, p.ChatCompletionRequest)
     params = req.params(state.defaults)
+    kwargs = req.template_kwargs()
     messages = await resolve_media(req.messages, state.config.media)
-    engine_request = {"messages": messages, "chat_template_kwargs": dict(req.chat_template_kwargs or {})}
+    engine_request = {"messages": messages, "chat_template_kwargs": kwargs}
     rid, outputs = await submit(state, engine_request, params)
     cid, made, name = p.new_id("chatcmpl"), p.created(), state.config.model_name
     top_n = req.top_logprobs or 0

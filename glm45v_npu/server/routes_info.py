@@ -14,8 +14,10 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    if not state_of(request).engine.thread.is_alive():
-        return error_response(503, "the engine is not running", "server_error")
+    engine = state_of(request).engine
+    if not engine.healthy:
+        return error_response(503, f"the engine cannot serve: {engine.broken or 'its thread has stopped'}",
+                              "server_error")
     return {"status": "ok"}
 
 

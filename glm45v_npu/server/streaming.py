@@ -45,8 +45,9 @@ async def _chunks(engine, rid, outputs, head, include_usage, choices):
     """Stream chunks: `choices(output)` per engine step, a usage chunk if asked, then [DONE] (or an error chunk)."""
     last = None
     async for item in _stream(engine, rid, outputs):
-        if isinstance(item, Exception):
-            yield {"error": {"message": str(item), "type": "server_error", "param": None, "code": None}}
+        if isinstance(item, Exception) or item.error:
+            message = str(item) if isinstance(item, Exception) else item.error
+            yield {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
             return
         last = item
         for choice in choices(item):
