@@ -39,10 +39,15 @@ from glm45v_npu.kernels._triton import Launch  # noqa: E402
 from glm45v_npu.kernels.fused_moe import moe_launches  # noqa: E402
 from glm45v_npu.kernels.kv_cache import store_kv_launch  # noqa: E402
 from glm45v_npu.kernels.paged_attention import decode_launches, prefill_launch  # noqa: E402
+from glm45v_npu.kernels.quant import QuantSpec, quantize_launch, scaled_mm_launch  # noqa: E402
 from glm45v_npu.kernels.router import route_launch  # noqa: E402
 from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_launch  # noqa: E402
-from glm45v_npu.model.glm4v_moe import check_layout  # noqa: E402
-from glm45v_npu.model.hf_config import ModelConfig, load_config, parse_config  # noqa: E402
+from glm45v_npu.model.hf_config import (  # noqa: E402
+    ModelConfig,
+    check_layout,  # noqa: E402
+    load_config,
+    parse_config,
+)
 from glm45v_npu.model.hf_config import builtin_config as builtin  # noqa: E402
 from glm45v_npu.parallel.layout import Layout  # noqa: E402
 
@@ -97,6 +102,9 @@ def variants() -> dict[tuple, tuple[Launch, str]]:
                             f"{where} prefill block {bs}")
                     for launch in moe_launches(4, t.num_experts_per_tok, experts, t.hidden_size, inter, dtype, "npu"):
                         add(launch, where)
+                    if dtype == torch.bfloat16:  # msmodelslim W8A8 / W8A8_DYNAMIC: the portable int8 path
+                        for launch in int8_launches(t, nq, nkv, experts, inter, tp, dtype):
+                            add(launch, f"{where} int8")
     glm = load_config(builtin("glm-4.5v")).text  # the fused op's whole surface, at GLM-4.5V's per-rank shapes
     for tp in TP_SIZES:
         nq, nkv = glm.num_attention_heads // tp, max(1, glm.num_key_value_heads // tp)
@@ -106,6 +114,25 @@ def variants() -> dict[tuple, tuple[Launch, str]]:
                     add(split_qkv_launch(1, nq, nkv, glm.head_dim, glm.rotary_dim, dtype, True, q_bias, k_bias, "npu"),
                         f"split_qkv_rmsnorm_rope surface tp{tp} q_bias={q_bias} k_bias={k_bias}")
     return found
+
+
+def int8_launches(t, nq: int, nkv: int, experts: int, inter: int, tp: int, dtype: torch.dtype) -> list[Launch]:
+    """The int8 kernels one rank runs for a W8A8 / W8A8_DYNAMIC checkpoint: activation quantization, the int8
+    GEMM of every linear layer (per-rank shapes, decode and prefill token counts), the int8 experts."""
+    dynamic, static = QuantSpec("int8", "token"), QuantSpec("int8", "static")
+    hd, h = t.head_dim, t.hidden_size
+    dense = t.intermediate_size // tp
+    shared = t.moe_intermediate_size * t.n_shared_experts // tp
+    layers = [((nq + 2 * nkv) * hd, h), (h, nq * hd), (2 * dense, h), (h, dense), (2 * shared, h), (h, shared)]
+    out = []
+    for m in (1, 64, 2048):
+        for n, k in layers:
+            out.append(quantize_launch(m, k, dynamic, dtype, "npu"))
+            for spec in (dynamic, static):
+                for qbias in (False, True) if spec is static else (False,):
+                    out.append(scaled_mm_launch(m, n, k, spec, dtype, True, "npu", qbias))
+    out += moe_launches(4, t.num_experts_per_tok, experts, h, inter, dtype, "npu", dynamic)
+    return out
 
 
 # --- compiling ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 1. kernel correctness: `pytest tests/test_kernels.py` compiled on the device (run it before this script);
 2. the decode roofline at batch 1, 8, 32, 64 with decode graphs off and on, against the byte floor (copy
-   bandwidth measured in the same run) and transformers' decode step on the same config;
+   bandwidth measured in the same run) and transformers' decode step on the same config; the same with the
+   decoder in FP8 (--quantization fp8: the floor counts its weights at one byte);
 3. end to end: `glm45v bench`'s workload (dummy weights, --num-layers, 512 in / 256 out) at batch 1 and 32, its
    inter-token latency p50 against the roofline step with graphs;
 4. prefill: 8 prompts x 2048 tokens, tokens/s and achieved TFLOP/s as a share of a bf16 matmul measured here;
@@ -127,6 +128,8 @@ def main() -> None:
     layers = 1 if a.quick else a.layers
     result = {"device": str(dev), "dtype": dtype, "layers": layers}
     result["roofline"] = roofline("glm-4.5v", layers, batches, context, a.device, dtype)
+    result["roofline_fp8"] = roofline("glm-4.5v", layers, batches, context, a.device, dtype,
+                                      compare_transformers=False, quantization="fp8")
     result["matmul_tflops"] = matmul_tflops(dev, platform.pick_dtype(dtype, dev), 1024 if a.quick else 8192)
     result["prefill"] = prefill_rate("glm-4.5v", layers, a.device, dtype, 2 if a.quick else 8, 64 if a.quick else 2048)
     result["prefill"]["share_of_matmul"] = result["prefill"]["tflops"] / result["matmul_tflops"]

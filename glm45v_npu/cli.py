@@ -83,6 +83,9 @@ ENGINE_OPTIONS: list[tuple[str, Any, Any]] = [
     ("enable_expert_parallel", Annotated[bool, Opt("--enable-expert-parallel/--tp-experts",
                                                    help="whole experts per device, or every expert split "
                                                    "across devices")], None),
+    ("quantization", Annotated[str, Opt("--quantization", "-q", metavar="auto|fp8|none",
+                                        help="auto: as the checkpoint is (FP8, W8A8); fp8: quantize a float "
+                                        "checkpoint's decoder at load; none: hold FP8 weights as floats")], None),
     ("block_size", Annotated[int, Opt("--block-size", metavar="N", help="tokens per KV-cache block")], None),
     ("kv_cache_gib", Annotated[float | None, Opt("--kv-cache-gib", metavar="GIB", help="KV-cache size (default: "
                                                  "what memory allows; 0.25 on a CPU)")], None),
@@ -450,12 +453,16 @@ def info(
                                              help="devices for the memory plan")] = 1,
     enable_expert_parallel: Annotated[bool, Opt("--enable-expert-parallel/--tp-experts",
                                                 help="whole experts per device, or split experts")] = True,
+    quantization: Annotated[str, Opt("--quantization", "-q", metavar="auto|fp8|none",
+                                     help="weights as the engine would hold them")] = "auto",
+    device_memory: Annotated[str | None, Opt("--device-memory", metavar="SIZE", help="memory per device for the "
+                                             "plan, e.g. 141GiB (default: this machine's device)")] = None,
 ) -> None:
     """Devices, backend, versions, kernel paths, a model summary and its per-device memory plan."""
     from .apps.info import render_info
 
     out.print(render_info(model, device, None if dtype == "auto" else dtype, tensor_parallel_size,
-                          enable_expert_parallel, revision))
+                          enable_expert_parallel, revision, quantization, device_memory))
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "float64": torch.float64}  # float64: CPU references (the twins in float64)
 
 
 def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:

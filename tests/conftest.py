@@ -39,3 +39,22 @@ def vl_ckpt(request, tmp_path_factory):
 def text_ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     return Checkpoint(path, make_text_checkpoint(path, request.param))
+
+
+@pytest.fixture()
+def triton_kernels(monkeypatch):
+    """Force every op onto the Triton kernels (the interpreter on a CPU), the fused decode path included."""
+    from glm45v_npu.kernels import ops
+
+    monkeypatch.setenv("GLM45V_KERNELS", "triton")
+    monkeypatch.setattr(ops, "_cache", {})
+    calls = []
+    real = ops._triton_impls
+
+    def counting():
+        impls = real()
+        return {name: (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(fn, name)
+                for name, fn in impls.items()}
+
+    monkeypatch.setattr(ops, "_triton_impls", counting)
+    return calls

@@ -97,16 +97,36 @@ class FakeTorchNpu:
         return x[order // K], expanded_row_idx.to(torch.int32), counts, None
 
     def npu_grouped_matmul(self, x, weight, *, group_list=None, split_item=0, group_type=-1, group_list_type=0,
-                           **unused):
+                           scale=None, per_token_scale=None, output_dtype=None, **unused):
         self.calls.append("npu_grouped_matmul")
         assert split_item == 2 and group_type == 0 and group_list_type == 1 and len(x) == len(weight) == 1
         (a,), (w,) = x, weight
         assert w.dim() == 3 and w.shape[1] == a.shape[1]  # weight [E, K, N]
+        quant = a.dtype == torch.int8
+        assert quant == (w.dtype == torch.int8) == (scale is not None) == (per_token_scale is not None)
         out, start = [], 0
         for e, n in enumerate(group_list.tolist()):
-            out.append(a[start : start + n].float() @ w[e].float())
+            if quant:
+                acc = (a[start : start + n].int() @ w[e].int()).float()  # int32 accumulation
+                out.append(acc * scale[0][e].float()[None, :] * per_token_scale[0][start : start + n, None])
+            else:
+                out.append(a[start : start + n].float() @ w[e].float())
             start += n
-        return [torch.cat(out).to(a.dtype)]
+        return [torch.cat(out).to(output_dtype if quant else a.dtype)]
+
+    def npu_dynamic_quant(self, x, smooth_scales=None):
+        self.calls.append("npu_dynamic_quant")
+        assert smooth_scales is None and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        scale = x.float().abs().amax(-1) / 127
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+        return torch.round(x.float() / scale[..., None]).clamp(-128, 127).to(torch.int8), scale
+
+    def npu_quant_matmul(self, x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+        self.calls.append("npu_quant_matmul")
+        assert x1.dtype == x2.dtype == torch.int8 and x1.shape[1] == x2.shape[0] and scale.shape == (x2.shape[1],)
+        assert pertoken_scale is not None and pertoken_scale.shape == (x1.shape[0],) and offset is None
+        acc = (x1.int() @ x2.int()).float()  # int32 accumulation
+        return (acc * scale.float()[None, :] * pertoken_scale.float()[:, None]).to(output_dtype)
 
     def npu_swiglu(self, x, dim=-1):
         self.calls.append("npu_swiglu")

@@ -258,25 +258,6 @@ def test_seeded_sampling_reproduces_across_batches(vl):
     assert first(llm.generate([req], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=6))[0]).token_ids != alone
 
 
-@pytest.fixture()
-def triton_kernels(monkeypatch):
-    """Force every op onto the Triton kernels (the interpreter on a CPU), the fused decode path included."""
-    from glm45v_npu.kernels import ops
-
-    monkeypatch.setenv("GLM45V_KERNELS", "triton")
-    monkeypatch.setattr(ops, "_cache", {})
-    calls = []
-    real = ops._triton_impls
-
-    def counting():
-        impls = real()
-        return {name: (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(fn, name)
-                for name, fn in impls.items()}
-
-    monkeypatch.setattr(ops, "_triton_impls", counting)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def text_plain(tmp_path_factory):
     path = tmp_path_factory.mktemp("engine-text-plain")

@@ -23,15 +23,16 @@ def ckpt(tmp_path_factory):
 
 
 def _hf_processor(path, monkeypatch):
-    """transformers' processor built from the checkpoint folder alone (nothing of ours): AutoImageProcessor and
-    AutoTokenizer. AutoProcessor itself needs torchvision for the video processor, which images do not use."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Glm4vProcessor
+    """transformers' processor built from the checkpoint folder alone (nothing of ours): the PIL GLM-4V image
+    processor and AutoTokenizer. AutoProcessor and AutoImageProcessor need torchvision (the video processor, the
+    fast image processor), which images do not use."""
+    from transformers import AutoTokenizer, Glm4vImageProcessorPil, Glm4vProcessor
 
     check = Glm4vProcessor.check_argument_for_proper_class
     monkeypatch.setattr(Glm4vProcessor, "check_argument_for_proper_class",
                         lambda self, name, arg: None if name == "video_processor" else check(self, name, arg))
     tok = AutoTokenizer.from_pretrained(path)
-    return Glm4vProcessor(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tok,
+    return Glm4vProcessor(image_processor=Glm4vImageProcessorPil.from_pretrained(path), tokenizer=tok,
                           video_processor=None, chat_template=tok.chat_template)
 
 

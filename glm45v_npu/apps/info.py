@@ -7,8 +7,10 @@ import importlib.metadata as md
 import torch
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .. import platform
+from ..errors import Glm45vError
 
 
 def _version(pkg: str) -> str:
@@ -34,7 +36,8 @@ def kernel_table(device: torch.device) -> Table:
 
 
 def render_info(model: str | None, device_name: str | None, dtype: str | None = None, tp: int = 1,
-                expert_parallel: bool = True, revision: str | None = None) -> Group:
+                expert_parallel: bool = True, revision: str | None = None, quantization: str = "auto",
+                device_memory: str | None = None, gpu_memory_utilization: float = 0.9) -> Group:
     device = platform.pick_device(device_name)
     env = Table(title="environment", show_header=False)
     env.add_column()
@@ -49,46 +52,71 @@ def render_info(model: str | None, device_name: str | None, dtype: str | None = 
     if model:
         from ..model.hf_config import load_config
         from ..model.hub import resolve_model
+        from ..model.quantization import read_plan
 
-        cfg = load_config(resolve_model(model, revision, config_only=True)[0])
-        parts.append(model_summary(model, cfg))
-        parts.append(memory_plan(cfg, device, platform.pick_dtype(dtype, device), tp, expert_parallel))
+        path = resolve_model(model, revision, config_only=True)[0]
+        cfg = load_config(path)
+        plan = read_plan(path, quantization, device.type)
+        parts.append(model_summary(model, cfg, plan))
+        memory = parse_bytes(device_memory) if device_memory else None
+        parts.append(memory_plan(cfg, device, platform.pick_dtype(dtype, device), tp, expert_parallel, plan, memory,
+                                 gpu_memory_utilization))
     return Group(*parts)
 
 
-def memory_plan(cfg, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool) -> Table:
-    """Per-device weight bytes and what is left for the KV cache, for tp devices (counted, not allocated)."""
+def parse_bytes(text: str) -> int:
+    """'141GiB', '80GB', '64 GiB' -> bytes."""
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+    s = text.strip().lower().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise Glm45vError(f"--device-memory {text}: expected a size such as 141GiB or 80GB")
+
+
+def memory_plan(cfg, device: torch.device, dtype: torch.dtype, tp: int, expert_parallel: bool, plan=None,
+                device_memory: int | None = None, utilization: float = 0.9) -> Table:
+    """Per-device weight bytes (as the engine will hold them: 8-bit where the plan says) and what is left for the
+    KV cache on `device_memory` bytes per device (default: this machine's device), counted, not allocated. The
+    engine takes the same figures and, on an accelerator, also subtracts a warm-up step's peak."""
     from ..engine.memory import available_bytes, kv_bytes_per_token, weight_bytes_per_rank
-    from ..model.glm4v_moe import check_layout
+    from ..model.hf_config import check_layout
     from ..parallel.layout import Layout
 
     layout = Layout(0, tp, expert_parallel)
     check_layout(cfg, layout)
-    weights = weight_bytes_per_rank(cfg, layout, dtype)
+    weights = weight_bytes_per_rank(cfg, layout, dtype, plan)
     per_token = kv_bytes_per_token(cfg, layout, dtype)
-    have = available_bytes(device)
-    kind = "host memory available" if device.type == "cpu" else f"{device.type} memory"
-    left = have - weights * (tp if device.type == "cpu" else 1)
+    on_host = device_memory is None and device.type == "cpu"
+    have = available_bytes(device) if device_memory is None else device_memory
+    usable = have if on_host else int(have * utilization)
+    kind = "host memory available" if on_host else f"memory per device ({utilization:.0%} usable)"
+    left = usable - weights * (tp if on_host else 1)
+    scheme = plan.describe() if plan is not None else "none"
     t = Table(title=f"memory plan: {tp} device(s), {'expert' if expert_parallel else 'tensor'}-parallel experts, "
-              f"{str(dtype).removeprefix('torch.')}", show_header=False)
+              f"{str(dtype).removeprefix('torch.')}, quantization {scheme}", show_header=False)
     t.add_column()
     t.add_column(justify="right")
     t.add_row("weights per device", f"{weights / 2**30:.2f} GiB")
     t.add_row("KV cache per token per device", f"{per_token / 2**10:.1f} KiB")
     t.add_row(kind, f"{have / 2**30:.1f} GiB")
     if left > 0:
-        t.add_row("KV capacity (all the rest)", f"{int(left // per_token):,} tokens")
+        t.add_row("KV budget (before the warm-up peak)", f"{left / 2**30:.1f} GiB")
+        t.add_row("KV capacity", f"{int(left // per_token):,} tokens")
     else:
-        t.add_row("fits", f"[red]no: {-left / 2**30:.1f} GiB short[/red]")
+        t.add_row("fits", Text(f"no: {-left / 2**30:.1f} GiB short", style="red"))
     return t
 
 
-def model_summary(model: str, cfg) -> Table:
+def model_summary(model: str, cfg, plan=None) -> Table:
     """Counts from the config alone: the model is built on the meta device, nothing is read or allocated."""
     from ..model.glm4v_moe import Glm4vMoe
 
     with torch.device("meta"):
-        m = Glm4vMoe(cfg)
+        m = Glm4vMoe(cfg, plan=plan)
     total = sum(p.numel() for p in m.parameters())
     vision = sum(p.numel() for p in m.visual.parameters()) if m.visual is not None else 0
     experts = sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)
@@ -106,9 +134,28 @@ def model_summary(model: str, cfg) -> Table:
         ("heads (q / kv) x head_dim", f"{t.num_attention_heads} / {t.num_key_value_heads} x {t.head_dim}"),
         ("routed experts", f"{t.n_routed_experts}, top-{t.num_experts_per_tok}, {t.n_shared_experts} shared"),
         ("QK norm", str(t.use_qk_norm)),
+        *((f"weights: {kind}", scheme) for kind, scheme in layer_schemes(m)),
     ]
     if v is not None:
         rows.append(("vision", f"{v.depth} blocks, hidden {v.hidden_size}, patch {v.patch_size}"))
     for row in rows:
         tab.add_row(*row)
     return tab
+
+
+def layer_schemes(model) -> list[tuple[str, str]]:
+    """How each kind of layer is held: its quantization scheme, or the float dtype."""
+    first = model.language_model.layers[-1]
+    kinds = [("attention", first.self_attn.qkv_proj), ("routed experts", getattr(first.mlp, "experts", None)),
+             ("shared experts", getattr(first.mlp, "shared_experts", None)), ("lm_head", model.lm_head),
+             ("dense MLP", model.language_model.layers[0].mlp)]
+    rows = []
+    for kind, module in kinds:
+        if module is None:
+            continue
+        quant = getattr(module, "quant", None)
+        if quant is None and hasattr(module, "gate_up_proj"):
+            quant = getattr(module.gate_up_proj, "quant", None)
+        rows.append((kind, quant.scheme if quant is not None else "float"))
+    rows += [("routers, embeddings, vision tower", "float")]
+    return rows

@@ -14,10 +14,11 @@ import torch
 from .. import platform
 from ..engine.runner import ModelRunner, StepInputs, drop_kv_cache
 from ..kernels import ops
-from ..model.glm4v_moe import build_model
+from ..model.glm4v_moe import build_model, dequantize
 from ..model.hf_config import ModelConfig, load_config, with_num_layers
 from ..model.hub import resolve_model
 from ..model.loader import init_dummy_weights
+from ..model.quantization import read_plan
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
@@ -37,18 +38,22 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
     return 2 * nbytes / best
 
 
-def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2) -> dict[str, float]:
+def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2, weight_itemsize: int | None = None
+               ) -> dict[str, float]:
+    """weight_itemsize: bytes per weight of the decoder's linear and expert layers (1 for FP8 / int8; their
+    scales are a fraction of a percent and not counted); lm_head, routers and the KV cache keep their own."""
     t = cfg.text
     h, layers = t.hidden_size, t.num_hidden_layers
-    attn = (h * (t.q_size + 2 * t.kv_size) + t.q_size * h) * itemsize
+    w = itemsize if weight_itemsize is None else weight_itemsize
+    attn = (h * (t.q_size + 2 * t.kv_size) + t.q_size * h) * w
     dense_layers = min(t.first_k_dense_replace, layers)
     moe_layers = layers - dense_layers
-    expert = 3 * h * t.moe_intermediate_size * itemsize
+    expert = 3 * h * t.moe_intermediate_size * w
     E, K = t.n_routed_experts, t.num_experts_per_tok
     distinct = E * (1 - (1 - K / E) ** batch)  # expected distinct experts hit by `batch` tokens
     parts = {
         "attention": layers * attn,
-        "dense mlp": dense_layers * 3 * h * t.intermediate_size * itemsize,
+        "dense mlp": dense_layers * 3 * h * t.intermediate_size * w,
         "shared experts": moe_layers * t.n_shared_experts * expert,
         "routers": moe_layers * E * h * 4,
         "routed experts": moe_layers * distinct * expert,
@@ -133,30 +138,36 @@ def transformers_step_time(cfg_path, num_layers: int, batch: int, context: int, 
 
 def roofline(model: str = "glm-4.5v", num_layers: int = 4, batches: tuple[int, ...] = (1, 32), context: int = 512,
              device: str | None = None, dtype: str | None = "bfloat16", compare_transformers: bool = True,
-             graphs: tuple[bool, ...] = (False, True)) -> dict:
+             graphs: tuple[bool, ...] = (False, True), quantization: str = "auto") -> dict:
+    """quantization "fp8": the decoder's weights in FP8 (the floor counts them at one byte)."""
     dev = platform.pick_device(device)
     dt = platform.pick_dtype(dtype, dev)
-    cfg = with_num_layers(load_config(resolve_model(model)[0]), num_layers)
-    ours = build_model(cfg, dt, dev)
+    path = resolve_model(model)[0]
+    cfg = with_num_layers(load_config(path), num_layers)
+    plan = read_plan(path, quantization, dev.type)
+    ours = build_model(cfg, dt, dev, plan=plan)
+    if plan.dequantize:
+        dequantize(ours, dt)
     init_dummy_weights(ours)
+    weight_itemsize = 1 if plan.active and not plan.dequantize else None
     bandwidth = copy_bandwidth(dev)
     rows = []
     for batch in batches:
         for graph in graphs:
             step = our_step_time(ours, cfg, batch, context, dev, graphs=graph)
-            floor_bytes = step_bytes(cfg, batch, context, dt.itemsize)["total"]
+            floor_bytes = step_bytes(cfg, batch, context, dt.itemsize, weight_itemsize)["total"]
             rows.append({"batch": batch, "graphs": graph, "step_s": step, "floor_bytes": floor_bytes,
                          "floor_s": floor_bytes / bandwidth, "ratio_to_floor": step / (floor_bytes / bandwidth)})
     del ours
     if dev.type != "cpu":
         platform.device_module(dev).empty_cache()
     if compare_transformers:
-        path, _ = resolve_model(model)
         hf = {b: transformers_step_time(path, num_layers, b, context, dev, dt) for b in batches}
         for row in rows:
             row["transformers_step_s"] = hf[row["batch"]]
             row["speedup_vs_transformers"] = hf[row["batch"]] / row["step_s"]
     return {"model": model, "num_layers": num_layers, "context": context, "device": str(dev),
+            "quantization": plan.describe(),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
             "dtype": str(dt).removeprefix("torch."), "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
             "kernels": ops.describe(dev)}

@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import FieldError
 
 LOAD_FORMATS = ("auto", "dummy")
+QUANTIZATION = ("auto", "fp8", "none")  # model/quantization.py reads the checkpoint for "auto"
 MEDIA_KINDS = ("image", "video")
 
 
@@ -33,6 +34,9 @@ class EngineConfig:
     kv_cache_gib: float | None = None  # fixed size; default: from memory (256 MiB on a CPU)
     gpu_memory_utilization: float = 0.9  # share of an accelerator's memory this engine may use in all
     enable_prefix_caching: bool = True
+    # weights: "auto" follows the checkpoint (compressed-tensors FP8, msmodelslim W8A8); "fp8" quantizes a float
+    # checkpoint's decoder at load; "none" holds FP8 weights as floats
+    quantization: str = "auto"
     # scheduling
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
@@ -53,6 +57,7 @@ class EngineConfig:
         checks = [
             ("load_format", self.load_format in LOAD_FORMATS, f"expected one of {', '.join(LOAD_FORMATS)}"),
             ("generation_config", self.generation_config in ("auto", "vllm"), "expected auto or vllm"),
+            ("quantization", self.quantization in QUANTIZATION, f"expected one of {', '.join(QUANTIZATION)}"),
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be >= 1"),
             ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
             ("dist_timeout_s", self.dist_timeout_s > 0, "must be > 0"),

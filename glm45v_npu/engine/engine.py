@@ -23,9 +23,9 @@ import torch
 from .. import platform
 from ..errors import FieldError, Glm45vError
 from ..inputs.processor import EncodedPrompt, Processor, generation_defaults
-from ..model.glm4v_moe import check_layout
-from ..model.hf_config import load_config, with_num_layers
+from ..model.hf_config import check_layout, load_config, with_num_layers
 from ..model.hub import resolve_model
+from ..model.quantization import read_plan
 from ..outputs import Logprob, RequestMetrics, RequestOutput
 from ..parallel.cluster import Cluster
 from ..parallel.layout import Layout, env_layout
@@ -81,7 +81,9 @@ class Engine:
             raise Glm45vError(f"max_model_len={config.max_model_len}: the model's context is {limit} tokens "
                               f"(max_position_embeddings in {cfg.source})")
         self.max_model_len = config.max_model_len or limit
-        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device, config.gpu_memory_utilization)
+        self.quant_plan = read_plan(path, config.quantization, self.device.type)
+        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device, config.gpu_memory_utilization,
+                                                self.quant_plan)
         self.processor = Processor(path, cfg, config.max_pixels, config.limit_mm_per_prompt,
                                    config.mm_processor_kwargs)
         self.sampling_defaults = generation_defaults(path) if config.generation_config == "auto" else {}
@@ -90,7 +92,7 @@ class Engine:
         except FieldError as e:
             raise Glm45vError(f"{path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
         spec = RankSpec(config, str(path), cfg, self.dtype, base, world,
-                        max_image_patches=self.processor.max_image_patches)
+                        max_image_patches=self.processor.max_image_patches, plan=self.quant_plan)
         self.cluster = Cluster(layout, self.device, torchrun is not None, config.dist_timeout_s, worker_main, spec)
         with self.cluster.collective():
             _, self.runner, num_blocks, per_block = build_rank(spec, layout, self.device, progress=True)

@@ -13,8 +13,9 @@ import torch
 
 from .. import platform
 from ..errors import Glm45vError
-from ..model.glm4v_moe import build_model
+from ..model.glm4v_moe import build_model, dequantize
 from ..model.hf_config import ModelConfig
+from ..model.quantization import QuantPlan
 from ..parallel.layout import Layout
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
@@ -112,9 +113,14 @@ def profile_peak(model, warmup: WarmupStep, device: torch.device) -> int:
     return max(peak, 0)
 
 
-def weight_bytes_per_rank(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
-    """Bytes of one rank's weights, counted on the meta device (nothing allocated)."""
-    return sum(p.numel() * p.element_size() for p in build_model(cfg, dtype, "meta", layout).parameters())
+def weight_bytes_per_rank(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, plan: QuantPlan | None = None
+                          ) -> int:
+    """Bytes of one rank's weights as they will be held (8-bit where the plan says, dequantized where it holds
+    FP8 as floats), counted on the meta device (nothing allocated)."""
+    model = build_model(cfg, dtype, "meta", layout, plan)
+    if model.plan.dequantize:
+        dequantize(model, dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def kv_bytes_per_token(cfg: ModelConfig, layout: Layout, dtype: torch.dtype) -> int:
@@ -133,10 +139,10 @@ def available_bytes(device: torch.device) -> int:
 
 
 def check_fits(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, device: torch.device,
-               fraction: float) -> int:
+               fraction: float, plan: QuantPlan | None = None) -> int:
     """Refuse up front, with the numbers, when one rank's weights cannot fit its device (on a CPU, when all
     ranks' weights cannot fit the host memory). Returns the per-rank weight bytes."""
-    per_rank = weight_bytes_per_rank(cfg, layout, dtype)
+    per_rank = weight_bytes_per_rank(cfg, layout, dtype, plan)
     if device.type == "cpu":
         need, have, where = per_rank * layout.world, available_bytes(device), "available host memory"
     else:

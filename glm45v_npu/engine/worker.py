@@ -17,9 +17,10 @@ import torch
 
 from .. import platform
 from ..errors import Glm45vError
-from ..model.glm4v_moe import build_model, load_model
+from ..model.glm4v_moe import build_model, dequantize, load_model
 from ..model.hf_config import ModelConfig
 from ..model.loader import init_dummy_weights
+from ..model.quantization import QuantPlan
 from ..parallel import layout as collectives
 from ..parallel.cluster import KEEP_ALIVE
 from ..parallel.layout import Layout
@@ -40,6 +41,7 @@ class RankSpec:
     device: torch.device  # rank 0's device; rank r takes the r-th one after it
     world: int
     max_image_patches: int = 0  # the largest image the processor can produce, for the warm-up
+    plan: QuantPlan | None = None  # which layers are 8-bit
 
     def layout(self, rank: int) -> Layout:
         return Layout(rank, self.world, self.config.enable_expert_parallel)
@@ -56,11 +58,13 @@ def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: b
     """-> (model, runner, num_blocks, bytes per block). Every rank runs this in lockstep (the warm-up profile
     and the KV block count agreement are collectives)."""
     if spec.config.load_format == "dummy":
-        model = build_model(spec.model, spec.dtype, device, layout)
+        model = build_model(spec.model, spec.dtype, device, layout, spec.plan)
+        if model.plan.dequantize:
+            dequantize(model, spec.dtype)
         init_dummy_weights(model, seed=spec.config.seed)
     else:
         model = load_model(spec.path, spec.model, spec.dtype, device,
-                           progress=ProgressBar if progress else None, layout=layout)
+                           progress=ProgressBar if progress else None, layout=layout, plan=spec.plan)
     block_size = spec.config.block_size
     per_block = kv_bytes_per_token(spec.model, layout, spec.dtype) * block_size
     budget = kv_budget(model, spec.config, WarmupStep.of(spec.config, spec.model, spec.max_image_patches), device)

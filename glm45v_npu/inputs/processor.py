@@ -9,7 +9,6 @@ Every mistake in it is a Glm45vError that names the field, message, part or imag
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import Glm45vError
-from ..model.hf_config import ModelConfig
+from ..model.hf_config import ModelConfig, read_json_object
 from .chat_template import control_pattern, render
 from .media import describe_media, open_image
 from .messages import REQUEST_KEYS, request_media, split_media
@@ -237,7 +236,7 @@ def _load_image_processor(path: Path, max_pixels: int | None, extra: dict[str, A
     file = path / "preprocessor_config.json"
     kwargs: dict[str, Any] = {}
     if file.is_file():
-        raw = _json_object(file)
+        raw = read_json_object(file)
         size = raw.get("size") or {}
         kwargs = {k: raw[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
                   if k in raw}
@@ -262,21 +261,10 @@ GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": 
                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def _json_object(file: Path) -> dict[str, Any]:
-    """A checkpoint's JSON file that must hold an object; a malformed one is an error naming it."""
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Glm45vError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise Glm45vError(f"{file}: expected a JSON object")
-    return raw
-
-
 def generation_config(path: Path) -> dict[str, Any]:
     """The checkpoint's generation_config.json ({} when it has none)."""
     file = path / "generation_config.json"
-    return _json_object(file) if file.is_file() else {}
+    return read_json_object(file) if file.is_file() else {}
 
 
 def generation_defaults(path: Path) -> dict[str, Any]:

@@ -22,9 +22,9 @@ DOT_DEFAULT, DOT_IEEE, DOT_UPCAST = 0, 1, 2
 # 20-24 AI cores with 192 KiB UB each and prefers fewer, longer-running programs.
 TILES: dict[str, dict[str, Any]] = {
     "cuda": {"decode_programs": 264, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-             "moe": (16, 64, 64), "store_tokens": 1},
+             "moe": (16, 64, 64), "store_tokens": 1, "quant_block": 1024, "qmm": (64, 64, 128)},
     "npu": {"decode_programs": 40, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-            "moe": (16, 64, 64), "store_tokens": 8},
+            "moe": (16, 64, 64), "store_tokens": 8, "quant_block": 1024, "qmm": (64, 64, 128)},
 }
 MAX_SPLITS = 16
 
@@ -33,6 +33,14 @@ def target_of(device: torch.device | str) -> str:
     """The tile table a device uses (the CPU interpreter runs CUDA's)."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     return "npu" if kind == "npu" else "cuda"
+
+
+def fp8_dot(device: torch.device) -> bool:
+    """Whether tl.dot takes e4m3 operands here: CUDA from sm_89 (Ada, Hopper), and the CPU interpreter. Elsewhere
+    FP8 weights are dequantized in the kernel (weight-only: sm_80), or at load (Ascend has no FP8 units)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu"
 
 
 def tiles(target: str) -> dict[str, Any]:

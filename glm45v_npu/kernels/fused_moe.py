@@ -5,33 +5,75 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from .quant import GROUP, QuantSpec, clamp_scale, expand, quantize_torch, token_scales
+
 
 def fused_moe_torch(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, spec: QuantSpec | None = None,
+    row_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I]; topk_* [T, K] -> [T, H].
-    Pairs whose expert id is E or more belong to another rank and are skipped."""
+    Pairs whose expert id is E or more belong to another rank and are skipped. With `spec`, the weights are 8-bit
+    with scales [E, rows, G] (kernels/quant.py): each token's input is quantized once for every expert it goes to,
+    each expert's SwiGLU output once more for its down projection (unless the scheme is weight-only). row_max:
+    with tensor-parallel experts each rank holds a slice of every SwiGLU row, and this reduction (max over the
+    ranks) makes its per-row scale the whole row's."""
     T, K = topk_ids.shape
     E = w13.shape[0]
     flat = topk_ids.flatten()
     order = flat.argsort(stable=True)
     token_of = order // K
     counts = torch.bincount(flat.clamp(max=E), minlength=E).tolist()[:E]
-    xs = x[token_of]
     wide = torch.promote_types(x.dtype, torch.float32)
+    xs = _dequantized_input(x, spec)[token_of]
+    h = torch.zeros(T * K, w2.shape[2], dtype=x.dtype, device=x.device)
+    for e, start, n in _runs(counts):
+        gate, up = F.linear(xs[start : start + n], _weight(w13, w13_scale, e, spec, xs.dtype)).chunk(2, dim=-1)
+        h[start : start + n] = F.silu(gate) * up
+    h = _dequantized_input(h, spec, row_max).to(xs.dtype)
     out = torch.zeros(T * K, w2.shape[1], dtype=wide, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        gate, up = F.linear(xs[start : start + n], w13[e]).chunk(2, dim=-1)
-        out[start : start + n] = F.linear(F.silu(gate) * up, w2[e]).to(wide)
-        start += n
+    for e, start, n in _runs(counts):
+        out[start : start + n] = F.linear(h[start : start + n], _weight(w2, w2_scale, e, spec, xs.dtype)).to(wide)
     out *= topk_weights.flatten()[order, None].to(wide)
     return torch.zeros(T, w2.shape[1], dtype=wide, device=x.device).index_add_(0, token_of, out).to(x.dtype)
+
+
+def _runs(counts: list[int]):
+    """(expert, first row, rows) of each expert with rows, in the sorted order."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, n
+        start += n
+
+
+def _dequantized_input(x: torch.Tensor, spec: QuantSpec | None,
+                       row_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """What an expert's matmul sees of x: x itself, or (W8A8) x quantized and dequantized, in x's precision."""
+    if spec is None or spec.act == "none":
+        return x
+    xq, scale = quantize_torch(x, spec, token_scale=synced_scales(x, spec, row_max))
+    w = torch.promote_types(x.dtype, torch.float32)
+    return xq.to(w) * expand(scale.to(w), x.shape[1], GROUP if spec.act == "group" else x.shape[1])
+
+
+def synced_scales(x: torch.Tensor, spec: QuantSpec, row_max) -> torch.Tensor | None:
+    """Per-row scales agreed over the ranks, where rows are split over them and scaled per token."""
+    if row_max is None or spec.act != "token":
+        return None
+    return clamp_scale(row_max(token_scales(x, spec)))
+
+
+def _weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, spec: QuantSpec | None, dtype: torch.dtype):
+    if spec is None:
+        return w[e].to(dtype)
+    return w[e].to(dtype) * expand(scale[e].to(dtype), w.shape[2], spec.group)
 
 
 # --- Triton ---------------------------------------------------------------------------------------------------
@@ -45,6 +87,7 @@ try:
 
     from ._triton import Launch, dot_mode, ptr, target_of, tiles
     from ._triton import mma as _dot
+    from .quant import TRITON_TYPES, quantize_triton, weight_only_unless_fp8_dot
 except ImportError:
     triton = None
 
@@ -77,9 +120,31 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 if triton is not None:
 
+    @triton.jit
+    def _tile_product(a, b, acc, part, sa, sb, QUANT: tl.constexpr, G: tl.constexpr, DOT: tl.constexpr):
+        """One K step of an expert tile: a plain dot (QUANT 0), an 8-bit dot scaled per 128-column group as it is
+        added or summed raw for one scaling at the end (QUANT 1), or a dot with the weight tile dequantized first
+        (QUANT 2). sa / sb: the step's row and column scales (used where they apply)."""
+        if QUANT == 1:
+            if G > 1:
+                acc += tl.dot(a, b).to(tl.float32) * sa[:, None] * sb[None, :]
+            else:
+                part += tl.dot(a, b)
+        elif QUANT == 2:
+            acc += _dot(a, (b.to(tl.float32) * sb[None, :]).to(a.dtype), DOT)
+        else:
+            acc += _dot(a, b, DOT)
+        return acc, part
+
+    @triton.jit
+    def _scales(scale, at, k0, mask, G: tl.constexpr, GROUP_K: tl.constexpr):
+        return tl.load(scale + at * G + (k0 // GROUP_K if G > 1 else 0), mask=mask, other=0.0)
+
     @triton.jit(do_not_specialize=["TK"])
-    def _gate_up_kernel(x, w13, rows, tile_expert, h, TK, H: tl.constexpr, INTER: tl.constexpr, K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    def _gate_up_kernel(x, w13, rows, tile_expert, h, xs, ws, TK, H: tl.constexpr, INTER: tl.constexpr,
+                        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT: tl.constexpr, QUANT: tl.constexpr, G: tl.constexpr, GROUP_K: tl.constexpr,
+                        INT8: tl.constexpr):
         tile = tl.program_id(0)
         nb = tl.program_id(1)
         e = tl.load(tile_expert + tile)
@@ -92,21 +157,33 @@ if triton is not None:
         nm = n < INTER
         gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        gate_raw = tl.zeros([BLOCK_M, BLOCK_N], tl.int32 if INT8 else tl.float32)
+        up_raw = tl.zeros([BLOCK_M, BLOCK_N], tl.int32 if INT8 else tl.float32)
         w_e = w13 + e.to(tl.int64) * (2 * INTER * H)
+        s_e = e.to(tl.int64) * (2 * INTER)  # the expert's first scale row
         for k0 in range(0, H, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < H
             a = tl.load(x + tok[:, None] * H + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            wg = tl.load(w_e + n[None, :] * H + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
-            wu = tl.load(w_e + (n[None, :] + INTER) * H + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
-            gate += _dot(a, wg, DOT)
-            up += _dot(a, wu, DOT)
+            wg = tl.trans(tl.load(w_e + n[:, None] * H + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0))
+            wu = tl.trans(tl.load(w_e + (n[:, None] + INTER) * H + kk[None, :], mask=nm[:, None] & km[None, :],
+                                  other=0.0))
+            sa = _scales(xs, tok, k0, rm, G, GROUP_K) if QUANT == 1 else 0.0
+            sg = _scales(ws, s_e + n, k0, nm, G, GROUP_K) if QUANT != 0 else 0.0
+            su = _scales(ws, s_e + INTER + n, k0, nm, G, GROUP_K) if QUANT != 0 else 0.0
+            gate, gate_raw = _tile_product(a, wg, gate, gate_raw, sa, sg, QUANT, G, DOT)
+            up, up_raw = _tile_product(a, wu, up, up_raw, sa, su, QUANT, G, DOT)
+        if QUANT == 1 and G == 1:
+            sa = tl.load(xs + tok, mask=rm, other=0.0)[:, None]
+            gate = gate_raw.to(tl.float32) * sa * tl.load(ws + s_e + n, mask=nm, other=0.0)[None, :]
+            up = up_raw.to(tl.float32) * sa * tl.load(ws + s_e + INTER + n, mask=nm, other=0.0)[None, :]
         act = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(h + r[:, None] * INTER + n[None, :], act.to(h.dtype.element_ty), mask=rm[:, None] & nm[None, :])
 
     @triton.jit(do_not_specialize=["TK"])
-    def _down_kernel(h, w2, rows, tile_expert, weights, y, TK, H: tl.constexpr, INTER: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    def _down_kernel(h, w2, rows, tile_expert, weights, y, hs, ws, TK, H: tl.constexpr, INTER: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                     QUANT: tl.constexpr, G: tl.constexpr, GROUP_K: tl.constexpr, INT8: tl.constexpr):
         tile = tl.program_id(0)
         nb = tl.program_id(1)
         e = tl.load(tile_expert + tile)
@@ -117,46 +194,77 @@ if triton is not None:
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = n < H
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        raw = tl.zeros([BLOCK_M, BLOCK_N], tl.int32 if INT8 else tl.float32)
         w_e = w2 + e.to(tl.int64) * (H * INTER)
+        s_e = e.to(tl.int64) * H
         for k0 in range(0, INTER, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             km = kk < INTER
             a = tl.load(h + r[:, None] * INTER + kk[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            w = tl.load(w_e + n[None, :] * INTER + kk[:, None], mask=nm[None, :] & km[:, None], other=0.0)
-            acc += _dot(a, w, DOT)
+            w = tl.trans(tl.load(w_e + n[:, None] * INTER + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0))
+            sa = _scales(hs, r, k0, rm, G, GROUP_K) if QUANT == 1 else 0.0
+            sw = _scales(ws, s_e + n, k0, nm, G, GROUP_K) if QUANT != 0 else 0.0
+            acc, raw = _tile_product(a, w, acc, raw, sa, sw, QUANT, G, DOT)
+        if QUANT == 1 and G == 1:
+            acc = (raw.to(tl.float32) * tl.load(hs + r, mask=rm, other=0.0)[:, None]
+                   * tl.load(ws + s_e + n, mask=nm, other=0.0)[None, :])
         wt = tl.load(weights + r, mask=rm, other=0.0).to(tl.float32)
         tl.store(y + r[:, None] * H + n[None, :], acc * wt[:, None], mask=rm[:, None] & nm[None, :])
 
 
 def moe_launches(num_tokens: int, top_k: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 target: str = "cuda") -> tuple[Launch, Launch]:
+                 target: str = "cuda", spec: QuantSpec | None = None) -> tuple[Launch, Launch]:
     """The gate/up and the down grouped GEMMs for `num_tokens` tokens (tiles sized for the worst case: every
-    expert's run padded to BLOCK_M rows)."""
+    expert's run padded to BLOCK_M rows); with `spec`, on 8-bit experts."""
     block_m, block_n, block_k = tiles(target)["moe"]
+    quant = 0 if spec is None else 2 if spec.act == "none" else 1
     tk = num_tokens * top_k
     num_tiles = triton.cdiv(tk + num_experts * (block_m - 1), block_m)
     dot = dot_mode(dtype, target)
-    shape = dict(H=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot)
+    weight = ptr(dtype) if spec is None else "*" + TRITON_TYPES[spec.dtype]
+    act = weight if quant == 1 else ptr(dtype)
     common = dict(rows=ptr(torch.int64), tile_expert=ptr(torch.int64), TK="i32")
-    gate_up = Launch(_gate_up_kernel, (num_tiles, triton.cdiv(inter, block_n)), dict(shape, K=top_k),
-                     dict(common, x=ptr(dtype), w13=ptr(dtype), h=ptr(dtype)))
-    down = Launch(_down_kernel, (num_tiles, triton.cdiv(hidden, block_n)), shape,
-                  dict(common, h=ptr(dtype), w2=ptr(dtype), weights=ptr(torch.float32), y=ptr(torch.float32)))
+
+    def shape(k: int) -> dict:
+        g = spec.groups(k) if spec is not None and spec.group else 1
+        return dict(H=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, GROUP), DOT=dot,
+                    QUANT=quant, G=g, GROUP_K=GROUP, INT8=spec is not None and spec.weight == "int8")
+
+    f32 = ptr(torch.float32)
+    gate_up = Launch(_gate_up_kernel, (num_tiles, triton.cdiv(inter, block_n)), dict(shape(hidden), K=top_k),
+                     dict(common, x=act, w13=weight, h=ptr(dtype), xs=f32, ws=f32))
+    down = Launch(_down_kernel, (num_tiles, triton.cdiv(hidden, block_n)), shape(inter),
+                  dict(common, h=act, w2=weight, weights=f32, y=f32, hs=f32, ws=f32))
     return gate_up, down
 
 
 def fused_moe_triton(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None, spec: QuantSpec | None = None,
+    row_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     T, K = topk_ids.shape
     E, two_i, H = w13.shape
     inter = two_i // 2
-    gate_up, down = moe_launches(T, K, E, H, inter, x.dtype, target_of(x.device))
+    spec = weight_only_unless_fp8_dot(spec, x.device) if spec is not None else None
+    gate_up, down = moe_launches(T, K, E, H, inter, x.dtype, target_of(x.device), spec)
     rows, tile_expert = align_by_expert(topk_ids, E, gate_up.constexprs["BLOCK_M"])
     tk = T * K
-    x = x.contiguous()
+    x, out_dtype = x.contiguous(), x.dtype
     h = torch.empty(tk, inter, dtype=x.dtype, device=x.device)
     y = torch.zeros(tk, H, dtype=torch.float32, device=x.device)  # rows of other ranks' experts stay 0
-    gate_up(x, w13, rows, tile_expert, h, tk)
-    down(h, w2, rows, tile_expert, topk_weights.float().contiguous(), y, tk)
-    return y.view(T, K, H).sum(1).to(x.dtype)
+    xs = hs = ws13 = ws2 = y  # never read without scales
+    if spec is not None:
+        ws13, ws2 = w13_scale.float().contiguous(), w2_scale.float().contiguous()
+        if spec.act != "none":
+            x, xs = quantize_triton(x, spec)
+    gate_up(x, w13, rows, tile_expert, h, xs, ws13, tk)
+    if spec is not None and spec.act != "none":
+        token_scale = synced_scales(h, spec, row_max)
+        if token_scale is None:
+            h, hs = quantize_triton(h, spec)
+        else:
+            h, hs = quantize_torch(h, spec, token_scale=token_scale)
+            hs = hs.float().contiguous()
+    down(h, w2, rows, tile_expert, topk_weights.float().contiguous(), y, hs, ws2, tk)
+    return y.view(T, K, H).sum(1).to(out_dtype)

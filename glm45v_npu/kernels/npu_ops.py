@@ -93,8 +93,25 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
     return y.float(), ids.long()
 
 
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, spec,
+                 input_scale=None, input_offset=None, quant_bias=None) -> torch.Tensor:
+    # msmodelslim W8A8_DYNAMIC. torch_npu.npu_dynamic_quant(input, *, smooth_scales=None) -> (int8 y, float32
+    # scale [tokens]) with y = round(x / scale), scale = max|x| / 127 per token (API reference:
+    # "torch_npu.npu_dynamic_quant"); torch_npu.npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None,
+    # bias=None, output_dtype=None): int8 x1 [M, K] @ int8 x2 [K, N] with int32 accumulation, then * scale [N] *
+    # pertoken_scale [M] (API reference: "torch_npu.npu_quant_matmul").
+    if spec.weight != "int8" or spec.act != "token":
+        raise NotImplementedError("only W8A8_DYNAMIC runs through npu_quant_matmul")
+    npu = _npu()
+    xq, xs = npu.npu_dynamic_quant(x)
+    y = npu.npu_quant_matmul(xq, weight.t(), weight_scale.view(-1).float(), pertoken_scale=xs.view(-1).float(),
+                             output_dtype=x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              spec=None) -> torch.Tensor:
     # 1. torch_npu.npu_moe_init_routing_v2(x, expert_idx, *, active_num, expert_num, expert_tokens_num_type,
     #    expert_tokens_num_flag, active_expert_range, quant_mode) -> (expanded_x, expanded_row_idx,
     #    expert_tokens, _) (API reference: "torch_npu.npu_moe_init_routing_v2"): rows sorted by expert (stable),
@@ -114,12 +131,27 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         x, ids, active_num=T * K, expert_num=E, expert_tokens_num_type=1, expert_tokens_num_flag=True,
         active_expert_range=[0, E], quant_mode=-1)
     counts = counts.to(torch.int64)
-    h = npu.npu_grouped_matmul([expanded], [w13.transpose(1, 2)], group_list=counts, split_item=2, group_type=0,
-                               group_list_type=1)[0]
+    h = _grouped(npu, expanded, w13, w13_scale, spec, counts, x.dtype)
     h = npu.npu_swiglu(h, dim=-1)
-    y = npu.npu_grouped_matmul([h], [w2.transpose(1, 2)], group_list=counts, split_item=2, group_type=0,
-                               group_list_type=1)[0]
+    y = _grouped(npu, h, w2, w2_scale, spec, counts, x.dtype)
     local = (topk_ids < E).to(topk_weights.dtype)  # another rank's pairs add nothing here
     k_major = row_idx.view(T, K).t().reshape(-1).to(torch.int32)
     return npu.npu_moe_finalize_routing(y, None, None, None, (topk_weights * local).to(y.dtype), k_major,
                                         ids).to(x.dtype)
+
+
+def _grouped(npu, a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, spec, counts: torch.Tensor,
+             dtype: torch.dtype) -> torch.Tensor:
+    # torch_npu.npu_grouped_matmul(x, weight, *, scale=None, per_token_scale=None, group_list, split_item,
+    # group_type, group_list_type, output_dtype) (API reference: "torch_npu.npu_grouped_matmul"): with int8 x and
+    # weight, each expert's int32 product times scale [E, N] and per_token_scale [rows] (W8A8_DYNAMIC experts,
+    # their inputs quantized per row by npu_dynamic_quant).
+    if spec is None:
+        return npu.npu_grouped_matmul([a], [w.transpose(1, 2)], group_list=counts, split_item=2, group_type=0,
+                                      group_list_type=1)[0]
+    if spec.weight != "int8" or spec.act != "token":
+        raise NotImplementedError("only W8A8_DYNAMIC experts run through npu_grouped_matmul")
+    aq, a_scale = npu.npu_dynamic_quant(a)
+    return npu.npu_grouped_matmul([aq], [w.transpose(1, 2)], scale=[scale[..., 0].float()],
+                                  per_token_scale=[a_scale.view(-1).float()], group_list=counts, split_item=2,
+                                  group_type=0, group_list_type=1, output_dtype=dtype)[0]

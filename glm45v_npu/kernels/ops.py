@@ -20,6 +20,7 @@ from . import npu_ops
 from .fused_moe import fused_moe_torch
 from .kv_cache import store_kv_torch
 from .paged_attention import paged_attention_torch
+from .quant import quant_linear_torch
 from .reference import apply_rope, rms_norm
 from .router import route_torch
 from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
@@ -34,6 +35,7 @@ TWINS: dict[str, Callable] = {
     "route": route_torch,
     "rms_norm": rms_norm,
     "apply_rope": apply_rope,
+    "quant_linear": quant_linear_torch,
 }
 OPS = tuple(TWINS)
 
@@ -42,20 +44,22 @@ def _triton_impls() -> dict[str, Callable]:
     from .fused_moe import fused_moe_triton
     from .kv_cache import store_kv_triton
     from .paged_attention import paged_attention_triton
+    from .quant import quant_linear_triton
     from .router import route_triton
     from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_triton
 
     return {"split_qkv_rmsnorm_rope": split_qkv_rmsnorm_rope_triton, "store_kv": store_kv_triton,
-            "paged_attention": paged_attention_triton, "fused_moe": fused_moe_triton, "route": route_triton}
+            "paged_attention": paged_attention_triton, "fused_moe": fused_moe_triton, "route": route_triton,
+            "quant_linear": quant_linear_triton}
 
 
-TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route")
+TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route", "quant_linear")
 
 # torch_npu fast paths, and what makes two calls different enough to check each kind once. A kind of None means
 # the fast op does not serve that call (it goes to the portable path, with no warning and no giving up):
 # attention on a decode-graph step, whose lengths live on the device only (the torch_npu op takes them as host
-# lists, which a captured graph would freeze), and routing without renormalisation (the torch_npu op always
-# renormalises).
+# lists, which a captured graph would freeze), routing without renormalisation (the torch_npu op always
+# renormalises), and 8-bit calls whose per-token scales are agreed over ranks (npu_dynamic_quant scales locally).
 NPU_OPS: dict[str, Callable] = {
     "store_kv": npu_ops.store_kv,
     "paged_attention": npu_ops.paged_attention,
@@ -63,6 +67,7 @@ NPU_OPS: dict[str, Callable] = {
     "route": npu_ops.route,
     "rms_norm": npu_ops.rms_norm,
     "apply_rope": npu_ops.apply_rope,
+    "quant_linear": npu_ops.quant_linear,
 }
 CHECK_KIND: dict[str, Callable[..., Any]] = {
     "paged_attention": lambda q, kc, vc, meta, scale: (
@@ -71,7 +76,12 @@ CHECK_KIND: dict[str, Callable[..., Any]] = {
     "apply_rope": lambda x, cos, sin: (x.dtype, x.shape[1:], cos.shape[-1]),
     "route": lambda logits, bias, top_k, n_group, topk_group, renormalize, scaling: (
         (logits.dtype, logits.shape[-1], top_k, n_group, topk_group, scaling) if renormalize else None),
-    "fused_moe": lambda x, w13, w2, w, ids: (x.dtype, w13.shape, ids.shape[1]),
+    "fused_moe": lambda x, w13, w2, w, ids, w13_scale=None, w2_scale=None, spec=None, row_max=None: (
+        (x.dtype, w13.shape, ids.shape[1], spec) if spec is None or (spec.weight == "int8" and spec.act == "token"
+                                                                     and row_max is None) else None),
+    "quant_linear": lambda x, w, ws, b, spec, *static: (
+        (x.dtype, w.shape, spec, b is not None) if spec.weight == "int8" and spec.act == "token"
+        and (len(static) < 4 or static[3] is None) else None),
     "store_kv": lambda k, v, kc, vc, slots: (k.dtype, kc.dtype, kc.shape[1:]),
 }
 

@@ -9,13 +9,15 @@ from ..kernels import ops
 from ..parallel.layout import SINGLE, Layout
 from .context import ForwardContext
 from .hf_config import TextConfig
-from .layers import Linear, RMSNorm
+from .layers import RMSNorm, make_linear
+from .quantization import FLOAT
 
 
 class Attention(nn.Module):
     """This rank's heads; forward returns the o_proj partial sum (the decoder layer all-reduces it)."""
 
-    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config", schemes=FLOAT,
+                 prefix: str = ""):
         super().__init__()
         q0, self.num_heads = layout.even(cfg.num_attention_heads, "num_attention_heads", source)
         k0, self.num_kv_heads = layout.kv_heads(cfg.num_key_value_heads, source)
@@ -23,10 +25,13 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
         self.scale = hd**-0.5
         split = layout.world > 1  # this rank's heads: rows of q, k, v, and o_proj's matching columns
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias, parts=[
-            ("q_proj", self.q_size, q0 * hd if split else None), ("k_proj", self.kv_size, k0 * hd if split else None),
-            ("v_proj", self.kv_size, k0 * hd if split else None)])
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, col_start=q0 * hd if split else None)
+        qkv = schemes(*(f"{prefix}.{p}_proj" for p in "qkv"))
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv, bias=cfg.attention_bias,
+                                    parts=[("q_proj", self.q_size, q0 * hd if split else None),
+                                           ("k_proj", self.kv_size, k0 * hd if split else None),
+                                           ("v_proj", self.kv_size, k0 * hd if split else None)])
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, schemes(f"{prefix}.o_proj"),
+                                  col_start=q0 * hd if split else None)
         self.qk_norm_eps = cfg.rms_norm_eps if cfg.use_qk_norm else None
         if cfg.use_qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)

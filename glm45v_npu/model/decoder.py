@@ -11,23 +11,26 @@ from .context import ForwardContext
 from .hf_config import TextConfig
 from .layers import Embedding, RMSNorm, SwiGLU
 from .moe import MoE
+from .quantization import FLOAT
 from .rope import MRotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
     """Attention and MLP each return this rank's partial sum; one all-reduce each makes them whole."""
 
-    def __init__(self, cfg: TextConfig, layer: int, layout: Layout = SINGLE, source: str = "config"):
+    def __init__(self, cfg: TextConfig, layer: int, layout: Layout = SINGLE, source: str = "config",
+                 schemes=FLOAT):
         super().__init__()
+        prefix = f"language_model.layers.{layer}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layout, source)
+        self.self_attn = Attention(cfg, layout, source, schemes, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            self.mlp = MoE(cfg, layout, source)
+            self.mlp = MoE(cfg, layout, source, schemes, f"{prefix}.mlp")
         else:
             start, count = layout.even(cfg.intermediate_size, "intermediate_size", source)
-            self.mlp = SwiGLU(cfg.hidden_size, count, start if layout.world > 1 else None)
+            self.mlp = SwiGLU(cfg.hidden_size, count, start if layout.world > 1 else None, schemes, f"{prefix}.mlp")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
@@ -36,14 +39,14 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config"):
+    def __init__(self, cfg: TextConfig, layout: Layout = SINGLE, source: str = "config", schemes=FLOAT):
         super().__init__()
         self.cfg = cfg
         start, rows = layout.vocab(cfg.vocab_size)
         self.embed_tokens = Embedding(rows, cfg.hidden_size, start, partial=layout.world > 1,
                                       real=max(0, min(rows, cfg.vocab_size - start)))
         self.rotary = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, layout, source) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, layout, source, schemes) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..parallel.layout import Layout
 
 SUPPORTED_MODEL_TYPES = ("glm4v_moe", "glm4_moe")
 
@@ -354,11 +355,18 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"{file}: no such file (a checkpoint folder must contain config.json)")
+    return parse_config(read_json_object(file), str(file))
+
+
+def read_json_object(file: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """A checkpoint's JSON file that must hold an object; an unreadable or malformed one is an error naming it."""
     try:
         raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
-    return parse_config(raw, str(file))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: expected {what}")
+    return raw
 
 
 def with_num_layers(cfg: ModelConfig, num_layers: int | None) -> ModelConfig:
@@ -379,3 +387,16 @@ def builtin_config(name: str) -> Path | None:
     """Configs shipped in the package (e.g. 'glm-4.5v'), usable with dummy weights and no download."""
     path = BUILTIN_DIR / name / "config.json"
     return path if path.is_file() else None
+
+
+def check_layout(cfg: ModelConfig, layout: Layout) -> None:
+    """A clear error, before anything is built or started, when the model does not split over layout.world ranks."""
+    t, src = cfg.text, cfg.source
+    layout.even(t.num_attention_heads, "num_attention_heads", src)
+    layout.kv_heads(t.num_key_value_heads, src)
+    layout.even(t.intermediate_size, "intermediate_size", src)
+    layout.even(t.moe_intermediate_size * t.n_shared_experts, "shared expert intermediate size", src)
+    if layout.expert_parallel:
+        layout.even(t.n_routed_experts, "n_routed_experts", src)
+    else:
+        layout.even(t.moe_intermediate_size, "moe_intermediate_size", src)

@@ -20,10 +20,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import CheckpointError
+from ..kernels.quant import quantize_weight
 from .hf_config import ModelConfig
 from .layers import SKIP, Piece
 
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|self_attn\.[kv]_scale)$")  # stale buffers, FP8 KV-cache scales
 
 
 def checkpoint_prefix(cfg: ModelConfig, ours: str) -> str:
@@ -46,7 +47,7 @@ def build_plan(model: nn.Module, cfg: ModelConfig) -> dict[str, Piece]:
         if hasattr(module, "checkpoint_plan"):
             for source, piece in module.checkpoint_plan(name).items():
                 plan[checkpoint_prefix(cfg, source)] = piece
-                declared.add(piece.param)
+                declared.update({piece.param, piece.scale_param})
     for name, _ in model.named_parameters():
         if name not in declared:
             plan[checkpoint_prefix(cfg, name)] = Piece(name)
@@ -54,23 +55,34 @@ def build_plan(model: nn.Module, cfg: ModelConfig) -> dict[str, Piece]:
 
 
 def shard_map(path: Path) -> dict[str, Path]:
-    """Tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors."""
+    """Tensor name -> shard file, from model.safetensors.index.json or a single model.safetensors (or, as other
+    tools name them, the one *.safetensors.index.json or *.safetensors there: msmodelslim's
+    quant_model_weight_w8a8.safetensors)."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        files = {name: path / shard for name, shard in weight_map.items()}
-        for shard in sorted(set(files.values())):
-            if not shard.is_file():
-                raise CheckpointError(f"{index}: lists shard {shard.name}, which is missing from {path}")
-        return files
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if index.is_file() or len(indexes) == 1:
+        return _shard_map_from(index if index.is_file() else indexes[0], path)
     single = path / "model.safetensors"
+    shards = sorted(path.glob("*.safetensors"))
+    if not single.is_file() and len(shards) == 1:
+        single = shards[0]
     if single.is_file():
         with _open(single) as f:
             return {name: single for name in f.keys()}
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (nor one *.safetensors "
+                          "file or index of another name)")
+
+
+def _shard_map_from(index: Path, path: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+    files = {name: path / shard for name, shard in weight_map.items()}
+    for shard in sorted(set(files.values())):
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: lists shard {shard.name}, which is missing from {path}")
+    return files
 
 
 @contextmanager
@@ -111,9 +123,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: Progress | Non
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
 
-    pending = {k: v for k, v in plan.items() if v.param is not None}
-    for name in {p.param for p in pending.values() if p.index}:
+    pending = {k: v for k, v in plan.items() if v.param is not None or v.zero}
+    for name in {p.param for p in pending.values() if p.index or p.reduce == "max"}:
         params[name].data.zero_()  # filled in parts: what no part covers (vocab-parallel padding rows) stays 0
+    for name in {p.param for p in pending.values() if p.reduce == "same"}:
+        params[name].data.fill_(float("nan"))  # not yet seen
     model.bytes_read = 0
     total = len(files)
     bar = progress("loading weights", total) if progress else None
@@ -138,15 +152,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: Progress | Non
                     except Exception as e:  # safetensors raises several types for a damaged payload
                         raise CheckpointError(f"{file}: cannot read tensor '{raw_name}' ({e})") from None
                     model.bytes_read += tensor.numel() * tensor.element_size()
-                    target = params[piece.param].data[piece.index]
-                    if tensor.shape != target.shape:
-                        if not (piece.reshape and tensor.numel() == target.numel() and tensor.shape[0] == target.shape[0]):
-                            raise CheckpointError(
-                                f"{file}: tensor '{raw_name}' has shape {list(tensor.shape)}, "
-                                f"expected {list(target.shape)} from {cfg.source}"
-                            )
-                        tensor = tensor.reshape(target.shape)
-                    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+                    _place(tensor, piece, params, f"{file}: tensor '{raw_name}'", cfg.source)
                     del tensor
     if bar:
         bar.stop()
@@ -156,27 +162,75 @@ def load_checkpoint(model: nn.Module, path: str | Path, progress: Progress | Non
         raise CheckpointError(f"{path}: checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
 
 
+def _place(tensor: torch.Tensor, piece: Piece, params: dict, where: str, source: str) -> None:
+    """One checkpoint tensor into its parameter, as its piece says (see layers.Piece)."""
+    if piece.zero:
+        if tensor.count_nonzero():
+            raise CheckpointError(f"{where}: non-zero weight offsets (asymmetric int8 weights) are not supported")
+        return
+    if piece.convert == "deq_scale" and tensor.dtype == torch.int64:  # float32 bits in the low 32 bits
+        tensor = (tensor & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    target = params[piece.param].data[piece.index]
+    if piece.quantize is not None:
+        q, scale = quantize_weight(tensor.float(), piece.quantize)
+        if q.shape != target.shape:
+            raise CheckpointError(f"{where} has shape {list(tensor.shape)}, expected {list(target.shape)} ({source})")
+        target.copy_(q.to(target.device))
+        params[piece.scale_param].data[piece.index].copy_(scale.to(target.device))
+        return
+    if piece.expand > 1:  # block scales: each row of blocks covers `expand` rows here
+        tensor = tensor.repeat_interleave(piece.expand, dim=0)[: target.shape[0]]
+    if piece.broadcast or piece.reduce:
+        if tensor.numel() != 1:
+            raise CheckpointError(f"{where} has shape {list(tensor.shape)}, expected one value ({source})")
+        value = tensor.reshape(()).to(device=target.device, dtype=target.dtype)
+        if piece.reduce == "same" and not target.isnan().all() and not torch.equal(target, value.expand_as(target)):
+            raise CheckpointError(f"{where}: the parts of this fused layer have different static input scales or "
+                                  "offsets, which one quantized input cannot serve")
+        target.copy_(torch.maximum(target, value) if piece.reduce == "max" else value.expand_as(target))
+        return
+    if piece.reshape and tensor.numel() == 1 < target.numel():  # a per-tensor scale given for a per-row one
+        tensor = tensor.reshape(()).expand(target.shape)
+    if tensor.shape != target.shape:
+        if not (piece.reshape and tensor.numel() == target.numel() and tensor.shape[0] == target.shape[0]):
+            raise CheckpointError(f"{where} has shape {list(tensor.shape)}, expected {list(target.shape)} from "
+                                  f"{source}")
+        tensor = tensor.reshape(target.shape)
+    target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights from the config without reading any tensor (like vLLM's load_format='dummy'): small
     uniform values keep activations finite, norm weights are 1 and biases 0. Large matrices are tiled from one
-    random block of prime length (no two rows alike), which is as fast as a memory copy. Where a tensor starts in
-    the block depends on its name only, so every rank fills a tensor it shares with others (router, vision tower,
+    random block of prime length (no two rows alike), which is as fast as a memory copy; 8-bit weights take the
+    same values through their scales (int8: integers scaled by 0.02/127). Where a tensor starts in the block
+    depends on its name only, so every rank fills a tensor it shares with others (router, vision tower,
     replicated KV heads) identically."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     block = torch.empty(1_000_003, device=device).uniform_(-0.02, 0.02, generator=g)
+    params = dict(model.named_parameters())
+    int8_step = 0.02 / 127
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and p.dim() == 1:
+        for name, p in params.items():
+            weight = params.get(name.removesuffix("_scale"))
+            if name.endswith("weight_scale") or name.endswith(("w13_scale", "w2_scale")):
+                p.fill_(int8_step if weight is not None and weight.dtype == torch.int8 else 1.0)
+            elif name.endswith("input_scale"):
+                p.fill_(int8_step)
+            elif name.endswith(("bias", "input_offset")) and p.dim() == 1:
                 p.zero_()
             elif p.dim() == 1:
                 p.fill_(1.0)
             else:
-                flat = p.view(-1)
-                start = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % len(block)
-                off = 0
-                while off < flat.numel():
-                    n = min(len(block) - start, flat.numel() - off)
-                    flat[off : off + n].copy_(block[start : start + n])
-                    off, start = off + n, 0
+                _tile(p.view(-1), block, seed, name, 1 / int8_step if p.dtype == torch.int8 else 1.0)
+
+
+def _tile(flat: torch.Tensor, block: torch.Tensor, seed: int, name: str, scale: float) -> None:
+    start = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") % len(block)
+    off = 0
+    while off < flat.numel():
+        n = min(len(block) - start, flat.numel() - off)
+        piece = block[start : start + n]
+        flat[off : off + n].copy_((piece * scale).round() if scale != 1.0 else piece)
+        off, start = off + n, 0

@@ -77,6 +77,13 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over the ranks (a token's activation range across the shards of its row)."""
+    if active():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def all_reduce_min(value: int) -> int:
     if not active():
         return value
