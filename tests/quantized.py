@@ -5,7 +5,9 @@ and transformers + compressed-tensors as the reference for FP8."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,9 +46,10 @@ def msmodelslim_folder(model, src: Path, dst: Path, dynamic: bool, per_channel: 
                       disable_last_linear=False, mm_tensor=not per_channel)
     g = torch.Generator().manual_seed(0)
     calib = None if dynamic else [[torch.randint(0, 250, (1, 24), generator=g)] for _ in range(4)]
-    calibrator = Calibrator(model, cfg, calib_data=calib, disable_level="L0")
-    calibrator.run()
-    calibrator.save(str(dst), save_type=["safe_tensor"])
+    with _inside(dst.parent / f"{dst.name}-calibration"):  # it writes features.npy to the working folder
+        calibrator = Calibrator(model, cfg, calib_data=calib, disable_level="L0")
+        calibrator.run()
+        calibrator.save(str(dst), save_type=["safe_tensor"])
     description_file, = dst.glob("quant_model_description*.json")
     weights_file, = dst.glob("quant_model_weight*.safetensors")
     description, tensors = json.loads(description_file.read_text()), load_file(weights_file)
@@ -78,6 +81,20 @@ def msmodelslim_folder(model, src: Path, dst: Path, dynamic: bool, per_channel: 
         if (src / file).is_file():
             shutil.copy(src / file, dst / file)
     return dst
+
+
+@contextmanager
+def _inside(folder: Path):
+    """Run in a fresh folder of the test's own: msmodelslim's Calibrator saves its calibration features as
+    ./features.npy and refuses to reuse one that others may read, so a run in the checkout left a file there that
+    failed the next run (CI's checkout makes it readable)."""
+    folder.mkdir(parents=True)
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def faithful_reference(path: Path):
