@@ -7,10 +7,12 @@ from __future__ import annotations
 from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "ToolCall", "EngineConfig"]
 
-_WHERE = {"LLM": ".llm", "SamplingParams": ".sampling_params", "RequestOutput": ".outputs", "CompletionOutput": ".outputs",
-          "Logprob": ".outputs", "EngineConfig": ".engine.config"}
+_WHERE = {"LLM": ".llm", "SamplingParams": ".sampling_params", "StructuredOutputsParams": ".sampling_params",
+          "RequestOutput": ".outputs", "CompletionOutput": ".outputs", "Logprob": ".outputs", "ToolCall": ".outputs",
+          "EngineConfig": ".engine.config"}
 
 
 def __getattr__(name: str):

@@ -305,10 +305,12 @@ def bench(
                                            "at most (default: --batch)")] = None,
     request_rate: Annotated[float | None, Opt("--request-rate", metavar="R", help="with --url: requests started "
                                               "per second, Poisson (default: all at once)")] = None,
+    json_schema: Annotated[Path | None, Opt("--json-schema", metavar="FILE", help="hold every answer to this JSON "
+                                            "schema (run after the same workload without it)")] = None,
     engine: EngineConfig = None,
 ) -> None:
     """Throughput and latency: time to first token, inter-token latency, prefill and decode tokens/s."""
-    from .apps.bench import parse_size, run_bench, run_bench_http, table
+    from .apps.bench import parse_size, read_json_schema, run_bench, run_bench_http, table
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
     if url:
@@ -329,8 +331,9 @@ def bench(
     require(videos >= 0, f"--videos {videos}: must be >= 0")
     require(video_seconds > 0, f"--video-seconds {video_seconds}: must be > 0")
     size = parse_size(image_size)
+    schema = read_json_schema(json_schema) if json_schema is not None else None
     llm = _llm(replace(engine, max_num_seqs=max(batch, engine.max_num_seqs)))
-    _show(run_bench(llm, batch, input_len, output_len, images, size, videos, video_seconds), table, as_json)
+    _show(run_bench(llm, batch, input_len, output_len, images, size, videos, video_seconds, schema), table, as_json)
 
 
 def _show(result: dict, table, as_json: bool) -> None:

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from .engine.answer import split_reasoning
 from .engine.config import EngineConfig
 from .engine.engine import Engine, EngineStats
 from .engine.progress import ProgressBar
+from .engine.tool_calls import ToolUse, check_tools
 from .errors import Glm45vError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
@@ -140,14 +142,25 @@ class LLM:
         return [s if isinstance(s, RequestOutput) else results[s] for s in slots]
 
     def chat(self, messages: list, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             chat_template_kwargs: dict | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
         """One conversation (a list of messages) or several (a list of lists), through the checkpoint's chat
-        template; `chat_template_kwargs` reach the template (e.g. enable_thinking=False)."""
+        template; `chat_template_kwargs` reach the template (e.g. enable_thinking=False). With `tools` (OpenAI's
+        shape) the template offers them and each output's `tool_calls` holds the calls parsed from its text."""
         if not isinstance(messages, list) or not messages:
             raise Glm45vError("chat: expected a list of messages, or a list of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
         requests = [{"messages": c, "chat_template_kwargs": dict(chat_template_kwargs or {})} for c in conversations]
-        return self.generate(requests, sampling_params, use_tqdm=use_tqdm)
+        tool_use = None
+        if tools is not None:
+            tool_use = ToolUse(check_tools(tools), raw=list(tools))
+            for r in requests:
+                r["tools"] = tool_use.raw
+        outs = self.generate(requests, sampling_params, use_tqdm=use_tqdm)
+        for out in outs if tool_use else []:
+            for c in out.outputs:
+                c.tool_calls = tool_use.parse(split_reasoning(c.text, tool_use.breaks)[1])[1]
+        return outs
 
     def stream(self, request: str | dict, params: SamplingParams | None = None,
                enable_thinking: bool | None = None) -> Iterator[str]:

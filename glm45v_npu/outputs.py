@@ -13,6 +13,18 @@ class Logprob:
 
 
 @dataclass
+class ToolCall:
+    """A function call the model made; `arguments` is JSON text, as OpenAI's API gives it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -21,6 +33,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None  # per token: the sampled token and the top-N, when asked for
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos
+    tool_calls: list[ToolCall] | None = None  # LLM.chat(tools=...): the calls parsed from the text
 
 
 @dataclass

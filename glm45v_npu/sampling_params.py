@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field
 
@@ -9,6 +10,67 @@ from .errors import FieldError
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_LOGPROBS = 20
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's names: exactly one of `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object),
+    `regex`, `choice` (one of these strings) or `grammar` (EBNF, xgrammar's dialect). `strict`: properties not in
+    the schema are refused unless it allows them (OpenAI's strict json_schema; off: xgrammar's lenient mode).
+    `origin` names the request field in errors (the server sets it, e.g. response_format.json_schema.schema)."""
+
+    json: dict | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = True
+    strict: bool = True
+    origin: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        where = self.origin or "structured_outputs"
+        if len(given) != 1:
+            raise FieldError("", where, ", ".join(given) or "nothing",
+                             f"expected exactly one of {', '.join(STRUCTURED_KINDS)}")
+        self.kind = given[0]
+        self.origin = self.origin or f"structured_outputs.{self.kind}"
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError as e:
+                raise FieldError("", self.origin, self.json[:80], f"not valid JSON ({e})") from None
+        checks = {"json": lambda v: isinstance(v, dict), "json_object": lambda v: v is True,
+                  "regex": lambda v: isinstance(v, str) and v != "", "grammar": lambda v: isinstance(v, str) and v != "",
+                  "choice": lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)}
+        wants = {"json": "a JSON schema object", "json_object": "true", "regex": "a non-empty string",
+                 "grammar": "a non-empty EBNF string", "choice": "a non-empty list of non-empty strings"}
+        if not checks[self.kind](getattr(self, self.kind)):
+            raise FieldError("", self.origin, getattr(self, self.kind), f"expected {wants[self.kind]}")
+        for name in ("disable_any_whitespace", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError("", f"structured_outputs.{name}", getattr(self, name), "expected true or false")
+        if self.kind == "json":
+            _check_schema(self.json, self.origin)
+
+    @property
+    def value(self):
+        """What the grammar is built from: the schema ({"type": "object"} for json_object), regex, choices or EBNF."""
+        return {"type": "object"} if self.kind == "json_object" else getattr(self, self.kind)
+
+
+def _check_schema(schema: dict, origin: str) -> None:
+    """A schema that is not valid JSON Schema (draft 2020-12) is refused naming the field and the fault."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        at = "/".join(str(p) for p in e.absolute_path)
+        raise FieldError("", origin, _json.dumps(schema)[:80],
+                         f"not a valid JSON schema{f' at {at}' if at else ''}: {e.message}") from None
 
 
 @dataclass
@@ -31,6 +93,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; N: the sampled token's and the top N
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # what step() reports: the whole output so far, only what is new, or the end
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +146,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise FieldError("SamplingParams: ", "stop_token_ids", self.stop_token_ids, "expected a list of integers")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise FieldError("SamplingParams: ", "structured_outputs", type(self.structured_outputs).__name__,
+                             "expected a StructuredOutputsParams")
         if not isinstance(self.output_kind, str):
             raise FieldError("SamplingParams: ", "output_kind", self.output_kind, "expected a string")
 

@@ -60,16 +60,43 @@ def test_caption_with_an_image_transformers_refuses(env, thin_folder, tmp_path):
     assert "thin.png" in rows["thin.png"]["error"] and "aspect ratio" in rows["thin.png"]["error"]
 
 
-def test_chat_one_shot_with_image(env, images):
-    r = glm45v(env, "chat", "-p", "what is in the picture?", "--image", images / "good0.png", "--max-tokens", 12,
-               "--seed", 0)
+def forked(env, folder, cases: list[list]) -> list:
+    """Each command line as its own process, forked after one import of torch (tests/cli_cases.py): the same exit
+    status, stdout and stderr as a separate `glm45v` run, without two seconds of imports per case."""
+    folder.mkdir(exist_ok=True)
+    driver = subprocess.run([sys.executable, "-m", "tests.cli_cases", json.dumps([list(map(str, c)) for c in cases]),
+                             str(folder)], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parents[1])
+    assert driver.returncode == 0, driver.stderr
+    results = json.loads(driver.stdout)
+    assert len(results) == len(cases)
+    return [subprocess.CompletedProcess(c, r["returncode"], r["stdout"], r["stderr"]) for c, r in zip(cases, results)]
+
+
+@pytest.fixture(scope="module")
+def runs(env, images, tmp_path_factory):
+    """The commands that need no input, run once for the tests below."""
+    cases = {
+        "one-shot": ["chat", "-p", "what is in the picture?", "--image", images / "good0.png", "--max-tokens", 12,
+                     "--seed", 0],
+        "chat-json": ["chat", "-p", "hi", "--json", "--max-tokens", 6, "--temperature", 0, "--no-think"],
+        "bench-json": ["bench", "--batch", 3, "--input-len", 12, "--output-len", 5, "--images", 1, "--image-size",
+                       "56x56", "--json"],
+        "info-tp8": ["info", "--model", "glm-4.5v", "--tensor-parallel-size", 8, "--dtype", "bfloat16"],
+        "info": ["info", "--model", "glm-4.5v"],
+    }
+    return dict(zip(cases, forked(env, tmp_path_factory.mktemp("runs"), list(cases.values()))))
+
+
+def test_chat_one_shot_with_image(runs):
+    r = runs["one-shot"]
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "Traceback" not in r.stderr
     assert "random" in r.stderr  # the tiny-random banner
 
 
-def test_chat_json(env, images):
-    r = glm45v(env, "chat", "-p", "hi", "--json", "--max-tokens", 6, "--temperature", 0, "--no-think")
+def test_chat_json(runs):
+    r = runs["chat-json"]
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["finish_reason"] in ("stop", "length") and 1 <= result["completion_tokens"] <= 6
@@ -131,9 +158,8 @@ def test_caption_interrupted_then_resumed(env, tmp_path):
     assert len(paths) == 24 and len(set(paths)) == 24
 
 
-def test_bench_json_tiny_random(env):
-    r = glm45v(env, "bench", "--batch", 3, "--input-len", 12, "--output-len", 5, "--images", 1, "--image-size",
-               "56x56", "--json")
+def test_bench_json_tiny_random(runs):
+    r = runs["bench-json"]
     assert r.returncode == 0, r.stderr
     _check_metrics(json.loads(r.stdout))
 
@@ -165,24 +191,18 @@ MISTAKES = [
     (["chat", "-p", "x", "--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
     (["chat", "-p", "x", "--block-size", "0"], "--block-size 0: must be in 1..1024"),
     (["chat", "-p", "x", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5: must be in (0, 1]"),
+    (["chat", "-p", "x", "--model", "someorg/nonexistent-model"], "pass its local folder"),  # offline hub id
 ]
 
 
 def test_user_mistakes_give_one_line_and_exit_2(env, images, tmp_path):
-    """Each mistake as its own process (forked after one import of torch: tests/cli_cases.py)."""
     (tmp_path / "empty").mkdir()
-    (tmp_path / "runs").mkdir()
     cases = [[a.format(empty=tmp_path / "empty", images=images, tmp=tmp_path) for a in args] for args, _ in MISTAKES]
-    driver = subprocess.run([sys.executable, "-m", "tests.cli_cases", json.dumps(cases), str(tmp_path / "runs")],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert driver.returncode == 0, driver.stderr
-    results = json.loads(driver.stdout)
-    assert len(results) == len(MISTAKES)
-    for (args, message), r in zip(MISTAKES, results):
-        assert r["returncode"] == 2, (args, r)
-        lines = [line for line in r["stderr"].splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and message in lines[0], (args, r["stderr"])
-        assert "Traceback" not in r["stderr"]
+    for (args, message), r in zip(MISTAKES, forked(dict(env, HF_HUB_OFFLINE="1"), tmp_path / "runs", cases)):
+        assert r.returncode == 2, (args, r)
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -202,14 +222,14 @@ def test_chat_on_two_ranks(env):
     assert json.loads(r.stdout)["raw"] == json.loads(single.stdout)["raw"]
 
 
-def test_info_memory_plan(env):
-    r = glm45v(env, "info", "--model", "glm-4.5v", "--tensor-parallel-size", 8, "--dtype", "bfloat16")
+def test_info_memory_plan(runs):
+    r = runs["info-tp8"]
     assert r.returncode == 0, r.stderr
     assert "weights per device" in r.stdout and "26.56 GiB" in r.stdout
 
 
-def test_info_shows_kernel_paths_and_model(env):
-    r = glm45v(env, "info", "--model", "glm-4.5v")
+def test_info_shows_kernel_paths_and_model(runs):
+    r = runs["info"]
     assert r.returncode == 0, r.stderr
     for text in ("torch", "split_qkv_rmsnorm_rope", "fused_moe", "107.7", "46 (1 dense)"):
         assert text in r.stdout
@@ -230,7 +250,3 @@ def test_ctrl_c_stops_the_answer_not_the_session(env):
     assert "(stopped)" in stderr and "Traceback" not in stderr
 
 
-def test_hub_id_offline_says_how_to_pass_a_local_path(env):
-    r = glm45v(dict(env, HF_HUB_OFFLINE="1"), "chat", "-p", "x", "--model", "someorg/nonexistent-model")
-    assert r.returncode == 2
-    assert "pass its local folder" in r.stderr and "Traceback" not in r.stderr

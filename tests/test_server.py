@@ -83,7 +83,7 @@ class ScriptedSampler:
                        + [TOKEN_IDS["<|begin_of_box|>"]] + t("42") + [TOKEN_IDS["<|end_of_box|>"]]
                        + [TOKEN_IDS["<|endoftext|>"]])
 
-    def __call__(self, logits, params, generators, history, prompt_lens=None, suppress=None):
+    def __call__(self, logits, params, generators, history, prompt_lens=None, suppress=None, allowed=None):
         tokens = [self.script[min(len(h) - n, len(self.script) - 1)] for h, n in zip(history, prompt_lens)]
         return Sampled(tokens, [-0.5] * len(tokens), [1] * len(tokens), [None] * len(tokens))
 
@@ -160,7 +160,7 @@ BAD = [
     ("prompt + max_tokens over the context", "/v1/completions",
      {"prompt": "hello", "max_tokens": 100000}, 400, None),
     ("tools", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                       "tools": [{"type": "function"}]}, 400, "tools"),
+                                       "tools": [{"type": "function"}]}, 400, "tools[0]"),
     ("top_logprobs without logprobs", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("prompt of the wrong type", "/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),

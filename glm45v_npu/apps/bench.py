@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import platform
 from ..errors import Glm45vError
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -22,6 +22,22 @@ def parse_size(text: str) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise Glm45vError(f"--image-size {text}: both sides must be >= 1")
     return w, h
+
+
+def read_json_schema(path) -> dict:
+    """--json-schema FILE: a JSON schema object, or an error naming the file."""
+    import json
+
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise Glm45vError(f"--json-schema {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Glm45vError(f"--json-schema {path}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise Glm45vError(f"--json-schema {path}: expected a JSON schema object")
+    StructuredOutputsParams(json=schema, origin=f"--json-schema {path}")  # refused here if it is no schema
+    return schema
 
 
 def _random_image(size: tuple[int, int], seed: int):
@@ -38,7 +54,7 @@ def _requests(llm, batch: int, input_len: int, images: int, size: tuple[int, int
 
     rng = random.Random(seed)
     cfg = llm.model_config
-    special = set(llm.engine.processor.eos_token_ids) | {cfg.image_token_id}
+    special = set(llm.engine.processor.eos_token_ids) | {cfg.image_token_id, cfg.video_token_id}
     vocab = [t for t in range(min(cfg.text.vocab_size, 30000)) if t not in special]
     out = []
     for i in range(batch):
@@ -64,10 +80,23 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, size: tuple[int, int],
-              videos: int = 0, video_seconds: float = 2.0) -> dict:
+              videos: int = 0, video_seconds: float = 2.0, json_schema: dict | None = None) -> dict:
+    """With `json_schema`, every request's answer is held to it, and the same workload runs first without it (same
+    process): the mask's host cost per step beside a baseline."""
+    if json_schema is None:
+        return _run(llm, batch, input_len, output_len, images, size, videos, video_seconds)
+    base = _run(llm, batch, input_len, output_len, images, size, videos, video_seconds)
+    grammar = StructuredOutputsParams(json=json_schema, origin="--json-schema")
+    out = _run(llm, batch, input_len, output_len, images, size, videos, video_seconds, grammar)
+    return {**out, "baseline": {k: base[k] for k in ("host_s_per_step", "device_s_per_step", "steps",
+                                                     "decode_tokens_per_s", "generated_tokens")}}
+
+
+def _run(llm, batch: int, input_len: int, output_len: int, images: int, size: tuple[int, int], videos: int,
+         video_seconds: float, grammar: StructuredOutputsParams | None = None) -> dict:
     import tempfile
 
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True, structured_outputs=grammar)
     with tempfile.TemporaryDirectory(prefix="glm45v-bench-") as folder:  # test videos, read as requests are added
         llm.generate(_requests(llm, 1, min(input_len, 16), images, size, 1, videos, video_seconds, folder),
                      SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -99,6 +128,7 @@ def run_bench(llm, batch: int, input_len: int, output_len: int, images: int, siz
         "preemptions": stats.preemptions, "steps": steps,
         "host_s_per_step": (stats.host_s - before.host_s) / steps,
         "device_s_per_step": (stats.device_s - before.device_s) / steps,
+        "grammar_s_per_step": (stats.grammar_s - before.grammar_s) / steps,
     }
 
 
@@ -217,6 +247,14 @@ def table(r: dict) -> Table:
             ("per step: host (schedule, inputs, stop rules) / device (model + sampling)",
              f"{ms(r['host_s_per_step'])} / {ms(r['device_s_per_step'])} over {r['steps']} steps"),
             ("preemptions", str(r["preemptions"])),
+        ]
+    if "baseline" in r:  # --json-schema: the same workload without the grammar, run first
+        b = r["baseline"]
+        rows[-1:-1] = [
+            ("grammar masks per step (host, inside device)", ms(r["grammar_s_per_step"])),
+            ("without the grammar: host / device per step",
+             f"{ms(b['host_s_per_step'])} / {ms(b['device_s_per_step'])} over {b['steps']} steps"),
+            ("without the grammar: decode throughput", f"{b['decode_tokens_per_s']:.0f} tok/s"),
         ]
     for row in rows:
         t.add_row(*row)

@@ -38,9 +38,11 @@ class StreamSplitter:
     """Splits streamed text into ("reasoning" | "answer" | "box", text) pieces as it arrives; a marker split
     across two deltas is held back until it is complete."""
 
-    def __init__(self, in_think: bool = False, keep_box_markers: bool = False):
+    def __init__(self, in_think: bool = False, keep_box_markers: bool = False, breaks: tuple[str, ...] = ()):
         self.in_think, self.in_box = in_think, False
         self.keep_box_markers = keep_box_markers  # the API's content keeps them; the CLI highlights boxes instead
+        self.breaks = breaks  # answer markers that end reasoning where they appear (a tool call), kept as answer
+        self.markers = MARKERS + breaks
         self.pending = ""
 
     def _kind(self) -> str:
@@ -50,18 +52,22 @@ class StreamSplitter:
         self.pending += text
         out: list[tuple[str, str]] = []
         while self.pending:
-            hits = [(self.pending.find(m), m) for m in MARKERS if m in self.pending]
+            hits = [(self.pending.find(m), m) for m in self.markers if m in self.pending]
             if hits:
                 i, marker = min(hits)
                 if i:
                     out.append((self._kind(), self.pending[:i]))
+                if marker in self.breaks:
+                    out.append(("answer", marker))
+                    self.pending, self.in_think = self.pending[i + len(marker) :], False
+                    continue
                 if self.keep_box_markers and marker in (BOX_OPEN, BOX_CLOSE) and not self.in_think:
                     out.append(("box", marker))
                 self.pending = self.pending[i + len(marker) :]
                 self.in_think = {THINK_OPEN: True, THINK_CLOSE: False}.get(marker, self.in_think)
                 self.in_box = {BOX_OPEN: True, BOX_CLOSE: False}.get(marker, self.in_box)
                 continue
-            keep = max((k for m in MARKERS for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
+            keep = max((k for m in self.markers for k in range(1, len(m)) if self.pending.endswith(m[:k])), default=0)
             emit = self.pending[: len(self.pending) - keep]
             if emit:
                 out.append((self._kind(), emit))
@@ -79,8 +85,8 @@ class ReasoningStream:
     is reasoning; the rest is content, grounding box markers kept. Text before any <think> is content, so an
     answer that skips thinking is all content."""
 
-    def __init__(self):
-        self.splitter = StreamSplitter(keep_box_markers=True)
+    def __init__(self, breaks: tuple[str, ...] = ()):
+        self.splitter = StreamSplitter(keep_box_markers=True, breaks=breaks)
 
     def _join(self, pieces: list[tuple[str, str]]) -> tuple[str, str]:
         reasoning = "".join(text for kind, text in pieces if kind == "reasoning")
@@ -93,9 +99,9 @@ class ReasoningStream:
         return self._join(self.splitter.flush())
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Whole text -> (reasoning, content)."""
-    stream = ReasoningStream()
+def split_reasoning(text: str, breaks: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Whole text -> (reasoning, content); `breaks` end the reasoning where they appear (see StreamSplitter)."""
+    stream = ReasoningStream(breaks)
     a, b = stream.feed(text)
     c, d = stream.flush()
     return a + c, b + d

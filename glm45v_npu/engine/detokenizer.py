@@ -1,12 +1,13 @@
 """Incremental detokenisation for streaming: multi-byte UTF-8 safe, stop strings trimmed and held back.
 
-Skipping special tokens keeps the answer's structure markers (think and box), which some tokenizers mark
-special: the output parser needs them, and the raw text should show them.
+Skipping special tokens keeps the answer's structure markers (think, box and tool calls), which some tokenizers
+mark special: the output parser needs them, and the raw text should show them.
 """
 
 from __future__ import annotations
 
 from .answer import MARKERS
+from .tool_calls import TOOL_MARKERS
 
 
 class IncrementalDetokenizer:
@@ -14,7 +15,7 @@ class IncrementalDetokenizer:
         self.tok = tokenizer
         self.drop: set[int] = set()
         if tokenizer is not None and skip_special_tokens:
-            keep = {tokenizer.convert_tokens_to_ids(m) for m in MARKERS}
+            keep = {tokenizer.convert_tokens_to_ids(m) for m in MARKERS + TOOL_MARKERS}
             self.drop = set(tokenizer.all_special_ids) - keep
         self.stop, self.include_stop = stop, include_stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that could still start a stop string

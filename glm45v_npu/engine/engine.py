@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .grammar import Grammars
 from .memory import check_fits
 from .requests import Completion, Request, derived_seed
 from .runner import StepPlan
@@ -60,6 +62,7 @@ class EngineStats:
     steps: int  # model steps run so far
     host_s: float  # seconds in those steps on the host: scheduling, step inputs, stop rules, detokenising
     device_s: float  # seconds from launching the model to the sampled tokens on the host
+    grammar_s: float = 0.0  # of those, seconds filling structured-output masks on the host
 
 
 class Engine:
@@ -103,7 +106,9 @@ class Engine:
         self._owner: dict[int, tuple[Request, Completion]] = {}
         self._suspects: deque[Request] = deque()  # requests of a failed step, run one at a time until cleared
         self._dirty: dict[str, None] = {}  # requests with something to report at the next step, in order
-        self._timing = [0, 0.0, 0.0]  # steps, host seconds, device seconds
+        self._timing = [0, 0.0, 0.0, 0.0]  # steps, host seconds, device seconds, grammar-mask seconds
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per device)", num_blocks,
                  config.block_size, self.capacity_tokens, num_blocks * per_block / 2**30)
 
@@ -128,6 +133,8 @@ class Engine:
         if bad:
             raise FieldError("", "stop_token_ids", bad[0], f"outside the vocabulary (0..{vocab - 1})")
         enc = self.processor.encode(request, enable_thinking)
+        if params.structured_outputs is not None:
+            enc.grammar = self.grammars.prepare(params.structured_outputs, enc.token_ids)
         n, wanted = len(enc.token_ids), params.max_tokens or 1
         if n + wanted > self.max_model_len:
             raise Glm45vError(f"prompt ({n} tokens) + max_tokens ({wanted}) exceeds the model's context of "
@@ -136,6 +143,17 @@ class Engine:
             raise Glm45vError(f"prompt ({n} tokens) + max_tokens ({wanted}) exceeds the KV cache "
                               f"({self.capacity_tokens} tokens)")
         return enc
+
+    @property
+    def grammars(self) -> Grammars:
+        """The structured-output compiler, made at first use (xgrammar reads the whole vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.processor.tokenizer is None:
+                    raise Glm45vError(f"{self.model_config.source}: structured outputs need the model's tokenizer")
+                self._grammars = Grammars(self.processor.tokenizer, self.model_config.text.vocab_size,
+                                          list(self.processor.eos_token_ids))
+            return self._grammars
 
     def add_encoded(self, enc: EncodedPrompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request `encode` made; returns its id."""
@@ -147,6 +165,8 @@ class Engine:
                       RequestMetrics(arrival_time=time.perf_counter()))
         for i in range(params.n):
             seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images)
+            if enc.grammar is not None:
+                seq.grammar = self.grammars.state(enc.grammar)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(derived_seed(params.seed, i))
             detok = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens, params.stop,
@@ -300,13 +320,18 @@ class Engine:
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> Sampled:
         seqs = plan.samplers
+        allowed = None
+        if any(s.grammar is not None for s in seqs):  # host work while the device computes the logits
+            t = time.perf_counter()
+            allowed = self.grammars.masks([s.grammar for s in seqs], [s.output_ids for s in seqs])
+            self._timing[3] += time.perf_counter() - t
         suppress = []
         for s in seqs:
             p = s.params
-            early = s.num_output < p.min_tokens
+            early = s.num_output < p.min_tokens and not (s.grammar is not None and s.grammar.active)  # it decides
             suppress.append(([] if p.ignore_eos else self.processor.eos_token_ids) + p.stop_token_ids if early else [])
         return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                            [s.token_ids for s in seqs], [s.prompt_len for s in seqs], suppress)
+                            [s.token_ids for s in seqs], [s.prompt_len for s in seqs], suppress, allowed)
 
     def _append(self, seq: Sequence, row: int, sampled: Sampled, now: float) -> None:
         req, comp = self._owner[seq.seq_id]
@@ -335,6 +360,12 @@ class Engine:
             reason, comp.stop_reason = "stop", comp.detok.stopped
         elif seq.num_output >= limit or len(seq) >= self.max_model_len:
             reason = "length"
+        if seq.grammar is not None and reason is None:
+            if not seq.grammar.advance(seq.output_ids):
+                req.error = f"structured output: token {token} is outside the grammar"
+                reason = "abort"
+            elif seq.grammar.terminated:  # complete: its stop token was taken (also with ignore_eos)
+                reason = "stop"
         if reason is not None:
             comp.detok.finish()
             self.scheduler.finish(seq, reason)

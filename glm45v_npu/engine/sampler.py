@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from ..sampling_params import SamplingParams
+from .grammar import apply_bitmask
 
 
 class Sampled(NamedTuple):
@@ -34,15 +35,19 @@ class Sampler:
         history: Sequence[Sequence[int]],
         prompt_lens: Sequence[int] | None = None,
         suppress: Sequence[Sequence[int]] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> Sampled:
         """history: each row's prompt then output ids; prompt_lens: where its output starts (penalties on
-        outputs only); suppress: token ids a row may not sample now (eos and stop ids before min_tokens)."""
+        outputs only); suppress: token ids a row may not sample now (eos and stop ids before min_tokens);
+        allowed: the structured-output token bitmask of the rows (engine/grammar.py), after penalties."""
         logits = logits.float()
         logprobs_all = torch.log_softmax(logits, dim=-1)
         logits = apply_penalties(logits, params, history, prompt_lens or [0] * len(params))
         for i, ids in enumerate(suppress or []):
             if ids:
                 logits[i, torch.tensor(list(ids), device=logits.device)] = float("-inf")
+        if allowed is not None:
+            apply_bitmask(logits, allowed)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

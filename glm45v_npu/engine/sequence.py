@@ -6,6 +6,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    grammar: Any = None  # its structured-output matcher (engine/grammar.py), when the request has a grammar
 
     @property
     def output_ids(self) -> list[int]:

@@ -3,12 +3,13 @@ into what the chat template renders and the media it names. Every mistake names 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..errors import Glm45vError
 
 REQUEST_KEYS = {"prompt", "prompt_token_ids", "messages", "images", "videos", "multi_modal_data",
-                "chat_template_kwargs"}
+                "chat_template_kwargs", "tools"}
 ROLES = ("system", "user", "assistant", "observation", "tool")
 
 
@@ -44,6 +45,10 @@ def split_media(messages: Any) -> tuple[list, list, list]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if role == "assistant" and m.get("tool_calls") is not None:
+            m = {**m, "tool_calls": _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")}
+        if role == "tool" and isinstance(content, list):  # the template renders a tool result as text
+            content = _text_only(content, f"messages[{i}].content")
         if content is None or isinstance(content, str):
             out.append({**m, "content": content or ""})
             continue
@@ -73,3 +78,34 @@ def split_media(messages: Any) -> tuple[list, list, list]:
                                   "video_url)")
         out.append({**m, "content": parts})
     return out, images, videos
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """OpenAI tool calls in a history -> what the chat template renders: arguments as an object (OpenAI clients
+    send them as JSON text)."""
+    if not isinstance(calls, list):
+        raise Glm45vError(f"{where}: expected a list of {{'id', 'type', 'function'}} objects")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise Glm45vError(f"{where}[{j}].function: expected {{'name', 'arguments'}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError as e:
+                raise Glm45vError(f"{where}[{j}].function.arguments: not valid JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise Glm45vError(f"{where}[{j}].function.arguments: expected a JSON object")
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
+
+
+def _text_only(parts: list, where: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise Glm45vError(f"{where}[{j}]: a tool result holds text parts only")
+        texts.append(part["text"])
+    return "".join(texts)

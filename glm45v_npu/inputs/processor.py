@@ -65,6 +65,7 @@ class EncodedPrompt:
     positions: torch.Tensor
     delta: int
     prompt: str | None = None  # the text the ids came from, when there was one
+    grammar: Any = None  # the engine's compiled structured-output grammar, when the request has one
 
 
 class Processor:
@@ -137,6 +138,8 @@ class Processor:
             kwargs = dict(request.get("chat_template_kwargs") or {})
             if enable_thinking is not None:
                 kwargs["enable_thinking"] = enable_thinking
+            if request.get("tools"):
+                kwargs["tools"] = request["tools"]
             try:
                 ids, text = render(self.tokenizer, self.control, messages, **kwargs)
             except Exception as e:  # jinja raises its own types for a message the template cannot render

@@ -12,7 +12,7 @@ from ..errors import Glm45vError
 from .hf_config import builtin_config
 
 TINY_RANDOM = "tiny-random"
-_TINY_VERSION = "v3"  # bump when the tiny model changes, so stale caches are not reused
+_TINY_VERSION = "v4"  # bump when the tiny model changes, so stale caches are not reused
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
 
 

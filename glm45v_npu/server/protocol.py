@@ -9,10 +9,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.answer import split_reasoning
+from ..engine.answer import ReasoningStream
+from ..engine.tool_calls import CallDelta, PlainStream, ToolUse, check_tools
 from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 TEMPLATE_KWARGS = {"enable_thinking": bool}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 1024  # each stop string is searched for after every token
@@ -45,8 +46,40 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    structured_outputs: Any = None  # vLLM's: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_json: Any = None  # vLLM's older names for the same
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
-    def sampling(self, defaults: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def unsupported(self) -> str | None:
+        """A field this server refuses (named in the 400), or None."""
+        return None
+
+    def grammars(self) -> list[StructuredOutputsParams]:
+        """The grammars the body asks for by vLLM's fields (more than one is refused by the caller)."""
+        out = []
+        if self.structured_outputs is not None:
+            given = self.structured_outputs
+            if not isinstance(given, dict):
+                raise FieldError("", "structured_outputs", given, f"expected an object with one of "
+                                 f"{', '.join(STRUCTURED_KINDS)}")
+            known = {*STRUCTURED_KINDS, "disable_any_whitespace", "strict"}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise FieldError("", f"structured_outputs.{unknown[0]}", given[unknown[0]], "not accepted here "
+                                 f"(accepted: {', '.join(sorted(known))})")
+            kinds = [k for k in STRUCTURED_KINDS if given.get(k) is not None]
+            out.append(StructuredOutputsParams(**given, origin=f"structured_outputs.{kinds[0]}" if len(kinds) == 1
+                                               else "structured_outputs"))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                out.append(StructuredOutputsParams(**{kind: value}, origin=f"guided_{kind}"))
+        return out
+
+    def sampling(self, defaults: dict, max_tokens: int | None, logprobs: int | None,
+                 grammar: StructuredOutputsParams | None = None) -> SamplingParams:
         """The request's values over the checkpoint's generation defaults; no max_tokens anywhere means up to
         the context."""
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
@@ -63,7 +96,7 @@ class _Sampling(BaseModel):
                               min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
                               skip_special_tokens=self.skip_special_tokens,
                               include_stop_str_in_output=self.include_stop_str_in_output,
-                              output_kind="delta" if self.stream else "final_only")
+                              output_kind="delta" if self.stream else "final_only", structured_outputs=grammar)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -72,16 +105,65 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list | None = None
+    tools: Any = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: Any = None
 
-    def unsupported(self) -> str | None:
-        if self.tools:
-            return "tools"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format"
-        return None
+    def tool_use(self) -> ToolUse | None:
+        """The tools and what tool_choice asks of them; None without tools."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise FieldError("", "tool_choice", choice, "needs tools")
+            return None
+        tools = check_tools(self.tools)
+        name = None
+        if isinstance(choice, dict):
+            fn = choice.get("function") if choice.get("type") == "function" else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(name, str):
+                raise FieldError("", "tool_choice", choice, "expected {'type': 'function', 'function': {'name': ...}}")
+            if name not in tools:
+                raise FieldError("", "tool_choice.function.name", name, f"not one of the tools ({', '.join(tools)})")
+            mode = "named"
+        elif choice in (None, "auto", "none", "required"):
+            mode = choice or "auto"
+        else:
+            raise FieldError("", "tool_choice", choice, "expected none, auto, required or a named function")
+        return ToolUse(tools, mode, name, self.parallel_tool_calls, list(self.tools))
+
+    def response_grammar(self) -> StructuredOutputsParams | None:
+        f = self.response_format
+        if f is None:
+            return None
+        kind = f.get("type") if isinstance(f, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True, origin="response_format")
+        if kind != "json_schema":
+            raise FieldError("", "response_format.type", kind, "expected text, json_object or json_schema")
+        spec = f.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise FieldError("", "response_format.json_schema.schema", None if not isinstance(spec, dict)
+                             else spec.get("schema"), "expected a JSON schema object")
+        strict = spec.get("strict")
+        return StructuredOutputsParams(json=spec["schema"], strict=strict is not False,
+                                       origin="response_format.json_schema.schema")
+
+    def grammar(self, tool_use: ToolUse | None) -> StructuredOutputsParams | None:
+        """The one grammar of the answer: the tool choice's, response_format's or vLLM's fields'."""
+        named = [("tool_choice", tool_use.grammar() if tool_use else None),
+                 ("response_format", self.response_grammar())] + [(g.origin.split(".")[0], g) for g in self.grammars()]
+        given = [(field, g) for field, g in named if g is not None]
+        if tool_use is not None and tool_use.mode == "auto" and given:
+            raise FieldError("", given[0][0], "given", "cannot be combined with tools under tool_choice auto (the "
+                             "answer would be held to it, so no tool could be called); use tool_choice none or required")
+        if len(given) > 1:
+            raise FieldError("", given[1][0], "given", f"cannot be combined with {given[0][0]} (one grammar per "
+                             "request)")
+        return given[0][1] if given else None
 
     def template_kwargs(self) -> dict:
         """chat_template_kwargs, which reach the checkpoint's own template: an allow-list of values, never a
@@ -95,11 +177,11 @@ class ChatCompletionRequest(_Sampling):
                 raise FieldError("", f"chat_template_kwargs.{name}", value, "expected true or false")
         return dict(given)
 
-    def params(self, defaults: dict) -> SamplingParams:
+    def params(self, defaults: dict, tool_use: ToolUse | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("", "top_logprobs", self.top_logprobs, "needs logprobs: true")
         return self.sampling(defaults, self.max_completion_tokens or self.max_tokens,
-                             (self.top_logprobs or 0) if self.logprobs else None)
+                             (self.top_logprobs or 0) if self.logprobs else None, self.grammar(tool_use))
 
 
 class CompletionRequest(_Sampling):
@@ -128,7 +210,10 @@ class CompletionRequest(_Sampling):
         raise FieldError("", "prompt", p, "expected a string, a list of token ids, or a list of either")
 
     def params(self, defaults: dict) -> SamplingParams:
-        return self.sampling(defaults, self.max_tokens, self.logprobs)
+        grammars = self.grammars()
+        if len(grammars) > 1:
+            raise FieldError("", grammars[1].origin, "given", f"cannot be combined with {grammars[0].origin}")
+        return self.sampling(defaults, self.max_tokens, self.logprobs, grammars[0] if grammars else None)
 
 
 def new_id(prefix: str) -> str:
@@ -179,14 +264,64 @@ def created() -> int:
     return int(time.time())
 
 
-def chat_response(out: RequestOutput, cid: str, made: int, model: str, top_n: int) -> dict:
+class ChatChoice:
+    """One choice's text -> OpenAI's message pieces (reasoning, content, tool-call deltas), as it streams; the
+    whole response is the same pieces put together, so a stream and a response always agree."""
+
+    def __init__(self, tool_use: ToolUse | None):
+        self.reasoning = ReasoningStream(tool_use.breaks if tool_use else ())
+        self.tools = tool_use.stream() if tool_use else PlainStream()
+        self.called = False
+
+    def feed(self, text: str, final: bool) -> dict:
+        reasoning, content = self.reasoning.feed(text)
+        if final:
+            r, c = self.reasoning.flush()
+            reasoning, content = reasoning + r, content + c
+        content, calls = self.tools.feed(content)
+        if final:
+            c, more = self.tools.flush()
+            content, calls = content + c, calls + more
+        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        if calls:
+            self.called = True
+            delta["tool_calls"] = _merged(calls)
+        return delta
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.called and reason == "stop" else reason
+
+    def message(self, text: str) -> dict:
+        delta = self.feed(text, final=True)
+        calls = delta.get("tool_calls", [])
+        content = delta.get("content")
+        message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content or "",
+                   "reasoning_content": delta.get("reasoning_content")}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+
+def _merged(deltas: list[CallDelta]) -> list[dict]:
+    """Call deltas of one step, one entry per call: its header (first time) and its new arguments text."""
+    out: dict[int, dict] = {}
+    for d in deltas:
+        entry = out.setdefault(d.index, {"index": d.index, "function": {"arguments": ""}})
+        if d.id is not None:
+            entry.update(id=d.id, type="function")
+            entry["function"]["name"] = d.name
+        entry["function"]["arguments"] += d.arguments
+    return list(out.values())
+
+
+def chat_response(out: RequestOutput, cid: str, made: int, model: str, top_n: int,
+                  tool_use: ToolUse | None = None) -> dict:
     choices = []
     for c in out.outputs:
-        reasoning, content = split_reasoning(c.text)
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": content,
-                                                      "reasoning_content": reasoning or None},
-                        "logprobs": chat_logprobs(c, top_n), "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason})
+        choice = ChatChoice(tool_use)
+        message = choice.message(c.text)
+        choices.append({"index": c.index, "message": message, "logprobs": chat_logprobs(c, top_n),
+                        "finish_reason": choice.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
     return {"id": cid, "object": "chat.completion", "created": made, "model": model, "choices": choices,
             "usage": usage(out)}
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from ..engine.answer import ReasoningStream
 from . import protocol as p
 from .engine_loop import EngineLoop
 
@@ -57,23 +56,21 @@ async def _chunks(engine, rid, outputs, head, include_usage, choices):
     yield "[DONE]"
 
 
-async def chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_usage):
+async def chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_usage, tool_use=None):
     head = {"id": cid, "object": "chat.completion.chunk", "created": made, "model": model}
-    streams = [ReasoningStream() for _ in range(n)]
+    streams = [p.ChatChoice(tool_use) for _ in range(n)]
     for i in range(n):
         yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}
 
     def choices(item):
         for c in item.outputs:
-            reasoning, content = streams[c.index].feed(c.text)
-            if c.finish_reason is not None:
-                r2, c2 = streams[c.index].flush()
-                reasoning, content = reasoning + r2, content + c2
-            delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+            stream = streams[c.index]
+            delta = stream.feed(c.text, final=c.finish_reason is not None)
             logprobs = p.chat_logprobs(c, top_n) if c.token_ids else None
             if delta or logprobs or c.finish_reason:
-                yield {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}
+                yield {"index": c.index, "delta": delta, "logprobs": logprobs,
+                       "finish_reason": stream.finish_reason(c.finish_reason)}
 
     async for chunk in _chunks(engine, rid, outputs, head, include_usage, choices):
         yield chunk

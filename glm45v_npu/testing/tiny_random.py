@@ -1,7 +1,7 @@
 """A tiny model of the GLM-4.5V architecture, written locally by transformers' own save_pretrained.
 
-It carries a byte-level tokenizer with the GLM special tokens and a chat template of the same form as the real
-one, so every command and test runs on a fresh machine with no download. Its answers are random.
+It carries a byte-level tokenizer with the GLM special tokens and GLM-4.5V's chat template, so every command
+and test runs on a fresh machine with no download. Its answers are random.
 """
 
 from __future__ import annotations
@@ -17,34 +17,15 @@ SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
     "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
     "<|image|>", "<|video|>", "<think>", "</think>", "<|begin_of_box|>", "<|end_of_box|>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>",
+    "</arg_value>",
 ]
 TOKEN_IDS = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
 VOCAB = 288
 EOS_IDS = [TOKEN_IDS["<|endoftext|>"], TOKEN_IDS["<|user|>"], TOKEN_IDS["<|observation|>"]]
 
-# Same form as GLM-4.5V's template: [gMASK]<sop>, <|role|>\n + content, images as begin/image/end,
-# /nothink and a pre-filled empty think block when thinking is off.
-CHAT_TEMPLATE = (
-    "[gMASK]<sop>"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'system' -%}{{ '<|system|>\\n' + m.content }}"
-    "{%- elif m.role == 'user' -%}{{ '<|user|>\\n' }}"
-    "{%- if m.content is string -%}{{ m.content }}"
-    "{%- else -%}{%- for part in m.content -%}"
-    "{%- if part.type == 'image' or part.type == 'image_url' -%}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
-    "{%- elif part.type == 'video' or part.type == 'video_url' -%}{{ '<|begin_of_video|><|video|><|end_of_video|>' }}"
-    "{%- elif part.type == 'text' -%}{{ part.text }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '/nothink' if (enable_thinking is defined and not enable_thinking) else '' -}}"
-    "{%- elif m.role == 'assistant' -%}{{ '<|assistant|>\\n' }}"
-    "{%- if m.content is string -%}{{ m.content }}{%- else -%}"
-    "{%- for part in m.content -%}{{ part.text }}{%- endfor -%}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}"
-    "{{- '<think></think>\\n' if (enable_thinking is defined and not enable_thinking) else '' -}}"
-    "{%- endif -%}"
-)
+# GLM-4.5V's own chat template (tools, tool calls and results, thinking on and off, images and videos).
+CHAT_TEMPLATE = (Path(__file__).parent / "glm45v_chat_template.jinja").read_text()
 
 VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=40, image_size=56, patch_size=14,
               spatial_merge_size=2, temporal_patch_size=2)
