@@ -58,3 +58,33 @@ def triton_kernels(monkeypatch):
 
     monkeypatch.setattr(ops, "_triton_impls", counting)
     return calls
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    """A stand-in torch_npu (tests/fake_torch_npu.py) behind platform.torch_npu_module."""
+    from glm45v_npu import platform
+    from tests.fake_torch_npu import FakeTorchNpu
+
+    npu = FakeTorchNpu()
+    monkeypatch.setattr(platform, "torch_npu_module", lambda: npu)
+    return npu
+
+
+@pytest.fixture()
+def npu_everywhere(monkeypatch, fake):
+    """ops.impl as on an NPU: every op with a torch_npu path runs it (via the stand-in) behind its self-check."""
+    from glm45v_npu.kernels import ops
+
+    monkeypatch.setattr(ops, "_cache", {})
+    checked = {}
+
+    def impl(op, device):
+        if op not in checked:
+            portable = ops.portable(op, device)
+            checked[op] = (ops.SelfChecked(op, ops.NPU_OPS[op], portable, ops.TWINS[op], ops.CHECK_KIND[op],
+                                           ops.IN_PLACE_CHECK.get(op)) if op in ops.NPU_OPS else portable)
+        return checked[op]
+
+    monkeypatch.setattr(ops, "impl", impl)
+    return checked

@@ -60,6 +60,14 @@ class FakeTorchNpu:
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
         return (xf * rstd * gamma.float()).to(x.dtype), rstd
 
+    def npu_add_rms_norm(self, x1, x2, gamma, epsilon=1e-6):
+        self.calls.append("npu_add_rms_norm")
+        assert x1.shape == x2.shape and gamma.shape == x1.shape[-1:]
+        x = (x1.float() + x2.float()).to(x1.dtype)
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (xf * rstd * gamma.float()).to(x1.dtype), rstd, x
+
     def npu_rotary_mul(self, x, r1, r2):
         self.calls.append("npu_rotary_mul")
         assert x.dim() == 4 and r1.dim() == 4 and r1.shape[-1] == x.shape[-1]

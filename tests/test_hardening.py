@@ -170,7 +170,8 @@ def test_kv_budget_from_free_memory_minus_a_warmup_with_the_largest_image(ckpt, 
         return logits
 
     monkeypatch.setattr(ModelRunner, "execute", spy)
-    config = EngineConfig(model=str(ckpt), max_num_seqs=5, max_num_batched_tokens=40, gpu_memory_utilization=0.5)
+    config = EngineConfig(model=str(ckpt), max_num_seqs=5, max_num_batched_tokens=40, gpu_memory_utilization=0.5,
+                          enforce_eager=True)  # no graphs here: the next test counts them
     from glm45v_npu.inputs.processor import Processor
     from glm45v_npu.model.glm4v_moe import load_model
     from glm45v_npu.model.hf_config import load_config
@@ -185,6 +186,43 @@ def test_kv_budget_from_free_memory_minus_a_warmup_with_the_largest_image(ckpt, 
     assert grid[1] * grid[2] <= patches < (grid[1] + 2) * (grid[2] + 2) and shape[0] == grid[1] * grid[2]
     assert seen["tokens"] == 40 and seen["rows"] == 5
     assert "warm-up peak" in caplog.text and "for the KV cache" in caplog.text
+
+
+def test_decode_graph_memory_is_counted_before_the_kv_cache(ckpt, monkeypatch, caplog):
+    """With graphs on, the budget also leaves room for them: static inputs (from their shapes), the pool of their
+    capture (a dry run of the largest bucket, measured above what is held) and every bucket's logits."""
+    from glm45v_npu import platform
+    from glm45v_npu.engine.graph import DecodeGraphs, buckets_for
+    from glm45v_npu.engine.memory import WarmupStep, accelerator_kv_budget, decode_graph_bytes
+    from glm45v_npu.model.glm4v_moe import load_model
+    from glm45v_npu.model.hf_config import load_config
+
+    gib = 2**30
+    monkeypatch.setattr(platform, "memory_info", lambda d: (30 * gib, 80 * gib))
+    monkeypatch.setattr(platform, "allocated_memory", lambda d: 2 * gib)
+    monkeypatch.setattr(platform, "reset_peak_memory", lambda d: None)
+    monkeypatch.setattr(platform, "peak_memory", lambda d: 2 * gib + 3 * gib)
+    dry_runs = []
+    real_forward = DecodeGraphs.forward
+    monkeypatch.setattr(DecodeGraphs, "forward", lambda self, b: (dry_runs.append(b), real_forward(self, b))[1])
+    cfg = load_config(ckpt)
+    model = load_model(ckpt, cfg, torch.float32, "cpu")
+    config = EngineConfig(model=str(ckpt), max_num_seqs=40, max_num_batched_tokens=40, gpu_memory_utilization=0.5,
+                          max_model_len=512, block_size=4)
+    warmup = WarmupStep.of(config, cfg, 0)
+    assert warmup.graph_buckets == buckets_for(40) and warmup.graph_width == 128
+    graphs = decode_graph_bytes(model, warmup, torch.device("cpu"))
+    assert dry_runs == [40]  # the largest bucket, once
+    real = DecodeGraphs(model, 40, 128, 4, torch.device("cpu"), capture=False).buffers()
+    assert graphs.static == sum(t.numel() * t.element_size() for t in real.values()) >= 40 * 128 * 4
+    assert graphs.step_peak == 3 * gib
+    assert graphs.logits == (sum(buckets_for(40)) - 40) * cfg.text.vocab_size * 4
+    with caplog.at_level(logging.INFO, logger="glm45v_npu"):
+        budget = accelerator_kv_budget(model, config, warmup, torch.device("cpu"))
+    assert budget == 0.5 * 80 * gib - 50 * gib - 3 * gib - graphs.total
+    assert "decode graphs (8 buckets up to 40" in caplog.text
+    eager = WarmupStep.of(EngineConfig(model=str(ckpt), enforce_eager=True), cfg, 0)
+    assert decode_graph_bytes(model, eager, torch.device("cpu")).total == 0
 
 
 # --- 6. prefix-cache hits counted once ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ from glm45v_npu.kernels.fused_moe import fused_moe_torch, fused_moe_triton
 from glm45v_npu.kernels.kv_cache import store_kv_torch, store_kv_triton
 from glm45v_npu.kernels.paged_attention import paged_attention_torch, paged_attention_triton
 from glm45v_npu.kernels.split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
+from glm45v_npu.kernels.tiles import MOE, PREFILL, of
 from glm45v_npu.model.context import ForwardContext
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +68,22 @@ def test_split_qkv_rmsnorm_rope(kernels, dtype, norm, q_bias, k_bias, T, nq, nkv
         other = split_qkv_rmsnorm_rope_torch(*_f64([qkv, sin, cos]), nq * hd, nkv * hd, hd, *_f64(args[:3]), None, None)
         assert torch.equal(other[1 if q_bias else 0], want[1 if q_bias else 0])
         assert not torch.equal(other[0 if q_bias else 1], want[0 if q_bias else 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n", [(1, 64), (5, 96), (3, 4096)])
+def test_rms_norm_and_the_fused_residual_add(dtype, rows, n):
+    from glm45v_npu.kernels.reference import rms_norm
+    from glm45v_npu.kernels.rms_norm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_triton
+
+    x, r = _rand(rows, n, dtype=dtype), _rand(rows, n, dtype=dtype, seed=1)
+    w = (1 + 0.2 * _rand(n, seed=2)).to(dtype)
+    _close(rms_norm_triton(x, w, 1e-5), rms_norm(*_f64([x, w]), 1e-5), dtype)
+    got, summed = add_rms_norm_triton(x, r, w, 1e-5)
+    want, want_sum = add_rms_norm_torch(*_f64([x, r, w]), 1e-5)
+    _close(summed, want_sum, dtype)
+    _close(got, want, dtype)
+    assert torch.equal(summed, x + r)  # the residual stream is rounded as the unfused add rounds it
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -145,6 +162,49 @@ def test_fused_moe(dtype, T, E, K, H, inter):
     _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("T, K, E, block_m", [(1, 8, 128, 32), (9, 3, 4, 16), (64, 8, 160, 32), (700, 8, 128, 64),
+                                               (33, 2, 6, 16)])
+def test_expert_alignment_kernel_equals_its_twin(T, K, E, block_m):
+    """Exactly: the same row for every (token, k) pair, padding rows and tile experts; ids >= E (another rank's
+    experts) are never placed."""
+    from glm45v_npu.kernels.fused_moe import align_by_expert, align_by_expert_torch
+
+    ids = torch.randint(0, E + 1, (T, K), generator=torch.Generator().manual_seed(T)).to(DEV)
+    for got, want in zip(align_by_expert(ids, E, block_m), align_by_expert_torch(ids, E, block_m)):
+        assert torch.equal(got.cpu(), want.cpu())
+
+
+def _table_tiles(table) -> list:
+    return sorted({t for rows in table.values() for t in rows.values()}, key=lambda t: t.as_list())
+
+
+@pytest.mark.parametrize("target", ["cuda", "npu"])
+@pytest.mark.parametrize("tile", _table_tiles(MOE), ids=lambda t: "x".join(map(str, t.as_list())))
+def test_every_moe_tile_of_the_table_matches_the_twin(tile, target, monkeypatch):
+    """Each MoE tile any target may pick (forced here, at a size that leaves most tiles partly empty), with each
+    target's weight-tile order and alignment block."""
+    from glm45v_npu.kernels import fused_moe
+
+    monkeypatch.setattr(fused_moe, "moe_tile", lambda *a: tile)
+    monkeypatch.setattr(fused_moe, "target_of", lambda device: target)
+    T, E, K, H, inter = 21, 6, 3, 80, 72
+    x, w13, w2 = _rand(T, H), _rand(E, 2 * inter, H, scale=H**-0.5, seed=1), _rand(E, H, inter, scale=inter**-0.5,
+                                                                                   seed=2)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(DEV)
+    weights = torch.rand(T, K, generator=g).to(DEV)
+    _close(fused_moe_triton(x, w13, w2, weights, ids), fused_moe_torch(*_f64([x, w13, w2, weights]), ids.cpu()),
+           torch.float32)
+
+
+@pytest.mark.parametrize("tile", _table_tiles(PREFILL), ids=lambda t: "x".join(map(str, t.as_list())))
+def test_every_prefill_tile_of_the_table_matches_the_twin(tile, monkeypatch):
+    from glm45v_npu.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "prefill_tile", lambda *a: tile)
+    _paged_case([7, 70, 1], [7, 93, 12], 6, 2, 32, 16, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_moe_skips_other_ranks_experts(dtype):
     """Expert-parallel ranks map other ranks' (token, k) pairs to ids >= E: both paths must skip them."""
@@ -208,8 +268,9 @@ def _no_specialize(kernel) -> set[str]:
 def test_no_per_step_specialisation(monkeypatch):
     """Decode over 300 growing context lengths at every batch size 1..64 (GLM-4.5V's per-rank shapes at TP 8 and
     the tiny model's), through the real launchers with the kernels themselves not run: the distinct constexpr
-    tuples per kernel stay within the fixed set of split buckets, and every per-step integer argument (block
-    table width, token counts) is excluded from Triton's value specialisation."""
+    tuples per kernel stay within the fixed set of split buckets, MoE and prefill steps of any size within the
+    rows of the tile table, and every per-step integer argument (block table width, token counts) is excluded
+    from Triton's value specialisation."""
     from collections import defaultdict
 
     from glm45v_npu.kernels import _triton
@@ -251,7 +312,18 @@ def test_no_per_step_specialisation(monkeypatch):
     assert 1 <= len(seen["_reduce_splits_kernel"]) <= buckets * shapes
     for name in ("_split_qkv_rmsnorm_rope_kernel", "_store_kv_kernel"):
         assert len(seen[name]) == shapes, name  # nothing per step: one variant per model shape
-    assert len(seen["_gate_up_kernel"]) == len(seen["_down_kernel"]) == 1
+    moe_variants = len(seen["_gate_up_kernel"])
+    for tokens in (100, 129, 700, 1500, 4096, 9000):  # prefill-sized steps: one variant per row of the table
+        fused_moe_triton(torch.empty(tokens, 64), torch.empty(8, 48, 64), torch.empty(8, 64, 24),
+                         torch.ones(tokens, 2), torch.zeros(tokens, 2, dtype=torch.long))
+    for q_len in range(1, 3000, 37):
+        meta = AttentionMetadata(torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([q_len], dtype=torch.int32),
+                                 torch.zeros(1, 200, dtype=torch.int32), q_len, q_len, q_len, False)
+        paged_attention_triton(torch.empty(q_len, 4, 32), torch.empty(1, bs, 2, 32), torch.empty(1, bs, 2, 32), meta,
+                               0.1)
+    rows = len(of(MOE, "cuda", "float32"))
+    assert 1 <= moe_variants <= 2 and len(seen["_gate_up_kernel"]) == len(seen["_down_kernel"]) == rows
+    assert len(seen["_prefill_kernel"]) == len(of(PREFILL, "cuda", "float32"))
     from glm45v_npu.kernels.paged_attention import _prefill_kernel
 
     assert {"bt_stride"} <= _no_specialize(kernels["_decode_kernel"]) and {"bt_stride"} <= _no_specialize(_prefill_kernel)

@@ -5,22 +5,14 @@ and a whole engine run with every op on its torch_npu path equals the portable r
 import pytest
 import torch
 
-from glm45v_npu import platform
 from glm45v_npu.kernels import npu_ops, ops
 from glm45v_npu.kernels.fused_moe import fused_moe_torch
 from glm45v_npu.kernels.kv_cache import store_kv_torch
 from glm45v_npu.kernels.paged_attention import paged_attention_torch
 from glm45v_npu.kernels.reference import apply_rope, rms_norm
+from glm45v_npu.kernels.rms_norm import add_rms_norm_torch
 from glm45v_npu.kernels.router import route_torch
 from glm45v_npu.model.context import ForwardContext
-from tests.fake_torch_npu import FakeTorchNpu
-
-
-@pytest.fixture()
-def fake(monkeypatch):
-    npu = FakeTorchNpu()
-    monkeypatch.setattr(platform, "torch_npu_module", lambda: npu)
-    return npu
 
 
 def _g(seed=0):
@@ -61,6 +53,10 @@ def test_rms_norm_and_rotary(fake):
     angles = torch.randn(5, 4, generator=_g(3))
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # rotary dim 8 of 16
     assert torch.allclose(npu_ops.apply_rope(x, cos, sin), apply_rope(x, cos, sin), atol=1e-6)
+    x2, r = x.view(15, 16), torch.randn(15, 16, generator=_g(4))
+    got, summed = npu_ops.add_rms_norm(x2, r, w, 1e-5)
+    want, want_sum = add_rms_norm_torch(x2, r, w, 1e-5)
+    assert torch.equal(summed, want_sum) and torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("E, k, groups, topk_group, scaling", [(128, 8, 1, 1, 1.0), (16, 4, 4, 2, 2.5)])
@@ -116,23 +112,6 @@ def test_in_place_op_is_checked_by_what_it_wrote():
     caches = [torch.zeros(2, 2, 1, 4) for _ in range(2)]
     lazy(k, k, *caches, slots)
     assert lazy.verified is False and torch.equal(caches[0].view(-1, 1, 4)[slots], k)  # redone by the fallback
-
-
-@pytest.fixture()
-def npu_everywhere(monkeypatch, fake):
-    """ops.impl as on an NPU: every op with a torch_npu path runs it (via the stand-in) behind its self-check."""
-    monkeypatch.setattr(ops, "_cache", {})
-    checked = {}
-
-    def impl(op, device):
-        if op not in checked:
-            portable = ops.portable(op, device)
-            checked[op] = (ops.SelfChecked(op, ops.NPU_OPS[op], portable, ops.TWINS[op], ops.CHECK_KIND[op],
-                                           ops.IN_PLACE_CHECK.get(op)) if op in ops.NPU_OPS else portable)
-        return checked[op]
-
-    monkeypatch.setattr(ops, "impl", impl)
-    return checked
 
 
 def test_engine_on_the_npu_paths_equals_the_portable_run(npu_everywhere, fake, tmp_path_factory, monkeypatch,

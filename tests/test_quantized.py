@@ -11,7 +11,13 @@ import torch
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.errors import Glm45vError
 from glm45v_npu.kernels.fused_moe import fused_moe_torch, fused_moe_triton
-from glm45v_npu.kernels.quant import QuantSpec, quant_linear_torch, quant_linear_triton, quantize_weight
+from glm45v_npu.kernels.quant import (
+    QuantSpec,
+    quant_linear_torch,
+    quant_linear_triton,
+    quantize_weight,
+    weight_values,
+)
 from tests.harness import PagedRunner, build_prompt
 from tests.quantized import faithful_reference, fp8_folder, msmodelslim_folder, weight_only_fp8
 from tests.tiny import image_processor, make_text_checkpoint, make_vl_checkpoint, random_image
@@ -240,6 +246,53 @@ def test_quantized_moe_kernel_equals_its_float64_twin(spec, dtype):
     got = fused_moe_triton(x, w13q, w2q, weights, ids, w13s, w2s, spec)
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_fp8_bytes_decode_to_every_e4m3_value():
+    """sm_80's Triton has no e4m3 type: FP8 weights reach its kernels as bytes, decoded in the kernel. All 256
+    bytes (but the two NaNs) must give torch's own e4m3 values."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode(src, dst):
+        i = tl.arange(0, 256)
+        tl.store(dst + i, weight_values(tl.load(src + i), True))
+
+    raw = torch.arange(256, dtype=torch.uint8)
+    got = torch.empty(256)
+    decode[(1,)](raw, got)
+    want = raw.view(torch.float8_e4m3fn).float()
+    finite = want.isfinite()
+    assert finite.sum() == 254 and torch.equal(got[finite], want[finite])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("fp8", "none"), QuantSpec("fp8", "none", 128), QuantSpec("fp8", "token")],
+                         ids=lambda s: f"{s.act}-{s.group}")
+def test_fp8_weights_as_bytes_equal_the_twin(spec, monkeypatch):
+    """The kernels on sm_80's path (FP8 run weight-only, the weights passed as bytes), forced on the CPU."""
+    from glm45v_npu.kernels import fused_moe, quant
+
+    monkeypatch.setattr(quant, "fp8_dot", lambda device: False)
+    monkeypatch.setattr(quant, "fp8_as_bytes", lambda spec, device: spec.weight == "fp8" and spec.act == "none")
+    monkeypatch.setattr(fused_moe, "fp8_as_bytes", quant.fp8_as_bytes)
+    g = torch.Generator().manual_seed(7)
+    M, K, N = 5, 256, 136
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
+    wq, ws = quantize_weight(w, spec)
+    only = QuantSpec("fp8", "none", spec.group)  # what sm_80 runs: activations unquantized
+    want = quant_linear_torch(x.double(), wq, ws, None, only)
+    assert (quant_linear_triton(x, wq, ws, None, spec).double() - want).abs().max() <= 2e-5 * want.abs().max()
+    T, E, top, inter = 7, 4, 2, 128
+    w13, w2 = torch.randn(E, 2 * inter, K, generator=g) * K**-0.5, torch.randn(E, K, inter, generator=g) * inter**-0.5
+    q13, q2 = [quantize_weight(m, spec) for m in w13], [quantize_weight(m, spec) for m in w2]
+    args = (torch.stack([q for q, _ in q13]), torch.stack([q for q, _ in q2]))
+    scales = (torch.stack([s for _, s in q13]), torch.stack([s for _, s in q2]))
+    ids, weights = torch.randint(0, E, (T, top), generator=g), torch.rand(T, top, generator=g)
+    xe = torch.randn(T, K, generator=g)
+    want = fused_moe_torch(xe.double(), *args, weights.double(), ids, *scales, only)
+    got = fused_moe_triton(xe, *args, weights, ids, *scales, spec)
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("moe", [fused_moe_torch, fused_moe_triton], ids=["twin", "triton"])

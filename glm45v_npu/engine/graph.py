@@ -44,9 +44,20 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, **i32)
         self.cu_seqlens_q = torch.arange(n + 1, **i32)
         self.valid = torch.zeros(n, dtype=torch.bool, device=device)
+        # host mirrors of what load() writes, pinned on accelerators so that its copies are truly asynchronous;
+        # reused every step, which is safe because a step ends with a device sync before the next load
+        pinned = device.type in ("cuda", "npu")
+        self.staging = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pinned)
+                        for name, t in self.buffers().items() if name != "cu_seqlens_q"}
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, object] = {}
         self.capture_enabled = capture
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The static inputs every captured graph reads."""
+        return {"token_ids": self.token_ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
+                "context_lens": self.context_lens, "block_tables": self.block_tables,
+                "cu_seqlens_q": self.cu_seqlens_q, "valid": self.valid}
 
     def fits(self, batch: int) -> bool:
         return batch <= self.buckets[-1]
@@ -64,26 +75,28 @@ class DecodeGraphs:
 
     def load(self, token_ids: list[int], positions: torch.Tensor, context_lens: list[int],
              block_tables: list[list[int]]) -> int:
-        """Write one decode step into the static buffers (padding rows reset; only the block-table columns this
-        step uses, since no row reads past its context); returns its bucket."""
+        """Write one decode step into the static buffers through their host mirrors (padding rows reset; only the
+        block-table columns this step uses, since no row reads past its context); returns its bucket."""
         B = len(token_ids)
         bucket = self.bucket(B)
         used = max(len(t) for t in block_tables)
+        h = self.staging
         tables = block_table_tensor(block_tables, used, bucket)
-        lens = torch.zeros(bucket, dtype=torch.int32)
-        lens[:B] = torch.tensor(context_lens, dtype=torch.int32)
-        slots = torch.full((bucket,), -1, dtype=torch.long)
-        slots[:B] = slot_mapping(tables, torch.arange(B), (lens[:B] - 1).long(), self.block_size)
-        ids = torch.zeros(bucket, dtype=torch.long)
-        ids[:B] = torch.tensor(token_ids, dtype=torch.long)
-        full_pos = torch.zeros(3, bucket, dtype=torch.long)
-        full_pos[:, :B] = positions
-        valid = torch.arange(bucket) < B
-        for static, host in ((self.token_ids, ids), (self.slot_mapping, slots), (self.context_lens, lens),
-                             (self.valid, valid)):
-            static[:bucket].copy_(host, non_blocking=True)
-        self.block_tables[:bucket, :used].copy_(tables, non_blocking=True)
-        self.positions[:, :bucket].copy_(full_pos, non_blocking=True)
+        h["block_tables"][:bucket, :used] = tables
+        h["context_lens"][:bucket] = 0
+        h["context_lens"][:B] = torch.tensor(context_lens, dtype=torch.int32)
+        h["slot_mapping"][:bucket] = -1
+        h["slot_mapping"][:B] = slot_mapping(tables, torch.arange(B), h["context_lens"][:B].long() - 1,
+                                             self.block_size)
+        h["token_ids"][:bucket] = 0
+        h["token_ids"][:B] = torch.tensor(token_ids, dtype=torch.long)
+        h["positions"][:, :bucket] = 0
+        h["positions"][:, :B] = positions
+        h["valid"][:bucket] = torch.arange(bucket) < B
+        for name in ("token_ids", "slot_mapping", "context_lens", "valid"):
+            getattr(self, name)[:bucket].copy_(h[name][:bucket], non_blocking=True)
+        self.block_tables[:bucket, :used].copy_(h["block_tables"][:bucket, :used], non_blocking=True)
+        self.positions[:, :bucket].copy_(h["positions"][:, :bucket], non_blocking=True)
         return bucket
 
     def forward(self, bucket: int) -> torch.Tensor:

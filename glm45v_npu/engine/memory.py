@@ -19,7 +19,8 @@ from ..model.quantization import QuantPlan
 from ..parallel.layout import Layout
 from ..sampling_params import SamplingParams
 from .config import EngineConfig
-from .runner import ModelRunner, StepInputs, drop_kv_cache
+from .graph import DecodeGraphs, buckets_for
+from .runner import ModelRunner, StepInputs, allocate_kv_cache, drop_kv_cache
 from .sampler import Sampler
 
 log = logging.getLogger("glm45v_npu")
@@ -29,13 +30,16 @@ CPU_KV_BYTES = 2**28  # 256 MiB on a CPU unless kv_cache_gib says otherwise
 @dataclass(frozen=True)
 class WarmupStep:
     """The largest step a rank will run, which the KV budget leaves room for: a prefill of `tokens` tokens (its
-    last `rows` sampled), and the vision tower on the largest image the processor can make."""
+    last `rows` sampled), and the vision tower on the largest image the processor can make; and the decode graphs
+    it will capture (`graph_buckets`, none with enforce_eager; `graph_width`: block-table columns per row)."""
 
     tokens: int
     rows: int
     block_size: int
     image_grid: tuple[int, int, int] | None = None
     patch_dim: int = 0
+    graph_buckets: tuple[int, ...] = ()
+    graph_width: int = 1
 
     @classmethod
     def of(cls, config: EngineConfig, model: ModelConfig, max_image_patches: int) -> WarmupStep:
@@ -43,8 +47,10 @@ class WarmupStep:
         grid = None
         if max_image_patches and model.vision is not None:
             grid = warmup_image_grid(max_image_patches, model.vision.spatial_merge_size)
+        max_len = config.max_model_len or model.text.max_position_embeddings
         return cls(tokens, min(config.max_num_seqs, tokens), config.block_size, grid,
-                   model.vision.patch_dim if model.vision is not None else 0)
+                   model.vision.patch_dim if model.vision is not None else 0,
+                   () if config.enforce_eager else buckets_for(config.max_num_seqs), -(-max_len // config.block_size))
 
 
 def kv_budget(model, config: EngineConfig, warmup: WarmupStep, device: torch.device) -> float:
@@ -63,10 +69,11 @@ def accelerator_kv_budget(model, config: EngineConfig, warmup: WarmupStep, devic
     other), minus the peak of a warm-up step that holds the largest prefill, the largest image and the sampler
     over the largest batch. Logged line by line."""
     activations = profile_peak(model, warmup, device)
+    graphs = decode_graph_bytes(model, warmup, device)
     free, total = platform.memory_info(device)
     usable = total * config.gpu_memory_utilization
     in_use = total - free
-    budget = usable - in_use - activations
+    budget = usable - in_use - activations - graphs.total
     gib = 2**30
     patches = warmup.image_grid[1] * warmup.image_grid[2] if warmup.image_grid else 0
     log.info("KV cache budget on %s:\n"
@@ -74,11 +81,59 @@ def accelerator_kv_budget(model, config: EngineConfig, warmup: WarmupStep, devic
              "  %8.2f GiB usable (gpu_memory_utilization %.2f)\n"
              "- %8.2f GiB in use after loading (%.2f GiB of it this rank's weights)\n"
              "- %8.2f GiB warm-up peak (%d-token prefill, %d-patch image, sampler over %d rows)\n"
+             "- %8.2f GiB decode graphs (%s)\n"
              "= %8.2f GiB for the KV cache",
              device, total / gib, usable / gib, config.gpu_memory_utilization, in_use / gib,
              platform.allocated_memory(device) / gib, activations / gib, warmup.tokens, patches, warmup.rows,
-             budget / gib)
+             graphs.total / gib, graphs.describe(), budget / gib)
     return budget
+
+
+@dataclass(frozen=True)
+class GraphBytes:
+    """What the decode graphs will hold: their static inputs, the pool of their capture (the largest bucket's
+    step peak: every smaller bucket's capture reuses its blocks) and every bucket's logits (kept for replay)."""
+
+    buckets: tuple[int, ...] = ()
+    static: int = 0
+    step_peak: int = 0
+    logits: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.static + self.step_peak + self.logits
+
+    def describe(self) -> str:
+        if not self.buckets:
+            return "none: eager decode"
+        gib = 2**30
+        return (f"{len(self.buckets)} buckets up to {self.buckets[-1]}: {self.static / gib:.2f} static inputs, "
+                f"{self.step_peak / gib:.2f} step peak, {self.logits / gib:.2f} logits")
+
+
+@torch.inference_mode()
+def decode_graph_bytes(model, warmup: WarmupStep, device: torch.device) -> GraphBytes:
+    """Counted before the KV cache is sized (a capture that finds the device full fails): the static inputs from
+    their shapes, the step's peak from a dry run of the largest bucket on the static buffers with a throw-away
+    cache of one block per row, measured above what is held (where a device exists: the CPU has no graphs)."""
+    if not warmup.graph_buckets:
+        return GraphBytes()
+    n, bs = warmup.graph_buckets[-1], warmup.block_size
+    static = sum(t.numel() * t.element_size() for t in
+                 DecodeGraphs(model, n, warmup.graph_width, bs, torch.device("meta"), capture=False).buffers().values())
+    allocate_kv_cache(model, n + 1, bs, device, next(model.language_model.parameters()).dtype)
+    dry = DecodeGraphs(model, n, 1, bs, device, capture=False)
+    dry.load([0] * n, torch.zeros(3, n, dtype=torch.long), [1] * n, [[1 + i] for i in range(n)])
+    platform.synchronize(device)
+    base = platform.allocated_memory(device)
+    platform.reset_peak_memory(device)
+    out = dry.forward(n)
+    platform.synchronize(device)
+    peak = max(platform.peak_memory(device) - base, 0)
+    row = out.shape[-1] * out.element_size()
+    del dry, out
+    drop_kv_cache(model)
+    return GraphBytes(warmup.graph_buckets, static, peak, (sum(warmup.graph_buckets) - n) * row)
 
 
 def warmup_image_grid(patches: int, merge: int) -> tuple[int, int, int]:

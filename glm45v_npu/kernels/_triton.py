@@ -1,7 +1,8 @@
-"""Shared Triton pieces: how a launch is described, the per-device tile table, 64-bit row offsets, tl.dot modes.
+"""Shared Triton pieces: how a launch is described, 64-bit row offsets, tl.dot modes (tile sizes: tiles.py).
 
-Every launcher asks one `*_launch(...)` function for its Launch (grid, constexprs, argument types) and runs it;
-the Ascend compile check (benchmarks/ascend_compile.py) compiles exactly those Launches. Constexprs depend only
+Every launcher asks one `*_launch(...)` function for its Launch (grid, constexprs, compile options, argument
+types) and runs it; the compile check (benchmarks/compile_check.py) compiles exactly those Launches for CUDA and
+Ascend. Constexprs depend only
 on model shapes, dtypes, the target and a fixed set of batch buckets, never on per-step values such as the
 longest context; per-step integers are passed as `do_not_specialize` arguments, so a new step never compiles.
 """
@@ -18,14 +19,6 @@ import triton.language as tl
 
 DOT_DEFAULT, DOT_IEEE, DOT_UPCAST = 0, 1, 2
 
-# Tiles per target. CUDA and Ascend differ where their on-chip memories and core counts do: Ascend 910B has
-# 20-24 AI cores with 192 KiB UB each and prefers fewer, longer-running programs.
-TILES: dict[str, dict[str, Any]] = {
-    "cuda": {"decode_programs": 264, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-             "moe": (16, 64, 64), "store_tokens": 1, "quant_block": 1024, "qmm": (64, 64, 128)},
-    "npu": {"decode_programs": 40, "decode_block_n": 32, "prefill_block": (16, 32), "split_heads": 16,
-            "moe": (16, 64, 64), "store_tokens": 8, "quant_block": 1024, "qmm": (64, 64, 128)},
-}
 MAX_SPLITS = 16
 
 
@@ -43,10 +36,6 @@ def fp8_dot(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def tiles(target: str) -> dict[str, Any]:
-    return TILES[target]
-
-
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                 torch.int64: "i64"}
 
@@ -57,17 +46,19 @@ def ptr(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: grid, constexprs, and the Triton type of every runtime argument (the compile check
-    reads the types; a kernel argument without one is an error there, so they cannot drift apart)."""
+    """One kernel launch: grid, constexprs, the Triton type of every runtime argument (the compile check
+    reads the types; a kernel argument without one is an error there, so they cannot drift apart) and compile
+    options (num_warps, num_stages: tiles.Tile.options)."""
 
     kernel: Any
     grid: tuple[int, ...]
     constexprs: dict[str, Any]
     types: dict[str, str] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, *args: Any) -> None:
         if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](*args, **self.constexprs)
+            self.kernel[self.grid](*args, **self.constexprs, **self.options)
 
     @property
     def name(self) -> str:
@@ -75,7 +66,8 @@ class Launch:
 
     def key(self) -> tuple:
         """What makes a distinct compiled variant."""
-        return self.name, tuple(sorted(self.constexprs.items())), tuple(sorted(self.types.items()))
+        return (self.name, tuple(sorted(self.constexprs.items())), tuple(sorted(self.types.items())),
+                tuple(sorted(self.options.items())))
 
 
 def dot_mode(dtype: torch.dtype, target: str = "cuda") -> int:

@@ -19,7 +19,8 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, ptr, row_offset, target_of, tiles
+    from ._triton import Launch, ptr, row_offset, target_of
+    from .tiles import fixed
 except ImportError:
     triton = None
 
@@ -45,7 +46,7 @@ if triton is not None:
 
 def store_kv_launch(T: int, row: int, dtype: torch.dtype, cache_dtype: torch.dtype, target: str = "cuda") -> Launch:
     """One program per few tokens (Ascend prefers fewer, longer programs); a decode batch is one or a few."""
-    tokens = tiles(target)["store_tokens"]
+    tokens = fixed(target)["store_tokens"]
     return Launch(_store_kv_kernel, (triton.cdiv(T, tokens),),
                   dict(ROW=row, BLOCK=triton.next_power_of_2(row), TOKENS=tokens),
                   dict(k=ptr(dtype), v=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype),

@@ -67,6 +67,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, bias: tor
     return y if bias is None else y + bias
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06) -> (y, rstd, x) with x = x1 + x2 and y its RMSNorm
+    # times gamma (API reference: "torch_npu.npu_add_rms_norm").
+    y, _, summed = _npu().npu_add_rms_norm(x, residual, weight, epsilon=eps)
+    return y, summed
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # torch_npu.npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on 4D [B, S, N, D] with r1, r2
     # broadcastable [1, S, 1, D] (API reference: "torch_npu.npu_rotary_mul"); only the first rotary_dim lanes

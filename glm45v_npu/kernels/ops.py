@@ -22,6 +22,7 @@ from .kv_cache import store_kv_torch
 from .paged_attention import paged_attention_torch
 from .quant import quant_linear_torch
 from .reference import apply_rope, rms_norm
+from .rms_norm import add_rms_norm_torch
 from .router import route_torch
 from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_torch
 
@@ -34,6 +35,7 @@ TWINS: dict[str, Callable] = {
     "fused_moe": fused_moe_torch,
     "route": route_torch,
     "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm_torch,
     "apply_rope": apply_rope,
     "quant_linear": quant_linear_torch,
 }
@@ -45,15 +47,17 @@ def _triton_impls() -> dict[str, Callable]:
     from .kv_cache import store_kv_triton
     from .paged_attention import paged_attention_triton
     from .quant import quant_linear_triton
+    from .rms_norm import add_rms_norm_triton, rms_norm_triton
     from .router import route_triton
     from .split_qkv_rmsnorm_rope import split_qkv_rmsnorm_rope_triton
 
     return {"split_qkv_rmsnorm_rope": split_qkv_rmsnorm_rope_triton, "store_kv": store_kv_triton,
             "paged_attention": paged_attention_triton, "fused_moe": fused_moe_triton, "route": route_triton,
-            "quant_linear": quant_linear_triton}
+            "quant_linear": quant_linear_triton, "rms_norm": rms_norm_triton, "add_rms_norm": add_rms_norm_triton}
 
 
-TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route", "quant_linear")
+TRITON_OPS = ("split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe", "route", "quant_linear",
+              "rms_norm", "add_rms_norm")
 
 # torch_npu fast paths, and what makes two calls different enough to check each kind once. A kind of None means
 # the fast op does not serve that call (it goes to the portable path, with no warning and no giving up):
@@ -66,6 +70,7 @@ NPU_OPS: dict[str, Callable] = {
     "fused_moe": npu_ops.fused_moe,
     "route": npu_ops.route,
     "rms_norm": npu_ops.rms_norm,
+    "add_rms_norm": npu_ops.add_rms_norm,
     "apply_rope": npu_ops.apply_rope,
     "quant_linear": npu_ops.quant_linear,
 }
@@ -73,6 +78,7 @@ CHECK_KIND: dict[str, Callable[..., Any]] = {
     "paged_attention": lambda q, kc, vc, meta, scale: (
         None if meta.host_context_lens is None else (meta.is_decode, q.dtype, kc.shape[1:])),
     "rms_norm": lambda x, w, eps, bias=None: (x.dtype, x.shape[-1], bias is None),
+    "add_rms_norm": lambda x, residual, w, eps: (x.dtype, x.shape[-1]),
     "apply_rope": lambda x, cos, sin: (x.dtype, x.shape[1:], cos.shape[-1]),
     "route": lambda logits, bias, top_k, n_group, topk_group, renormalize, scaling: (
         (logits.dtype, logits.shape[-1], top_k, n_group, topk_group, scaling) if renormalize else None),

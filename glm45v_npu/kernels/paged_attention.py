@@ -50,23 +50,19 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import MAX_SPLITS, Launch, dot_mode, ptr, row_offset, target_of, tiles
+    from ._triton import MAX_SPLITS, Launch, dot_mode, ptr, row_offset, target_of
     from ._triton import mma as _dot
+    from .tiles import DECODE, fixed, of, prefill_tile
 except ImportError:
     triton = None
 
 if triton is not None:
 
     @triton.jit
-    def _kv_tile(k_cache, v_cache, table, n, valid, kvh, d, dm, BS: tl.constexpr, NKV: tl.constexpr,
-                 HD: tl.constexpr):
-        """Keys and values of token positions n of one sequence, gathered through its block table."""
+    def _kv_rows(table, n, valid, kvh, BS: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr):
+        """Cache offsets of token positions n of one sequence, through its block table (keys and values alike)."""
         blk = tl.load(table + n // BS, mask=valid, other=0)
-        row = row_offset(blk * BS + n % BS, NKV * HD) + kvh * HD
-        m = valid[:, None] & dm[None, :]
-        kk = tl.load(k_cache + row[:, None] + d[None, :], mask=m, other=0.0)
-        vv = tl.load(v_cache + row[:, None] + d[None, :], mask=m, other=0.0)
-        return kk, vv
+        return row_offset(blk * BS + n % BS, NKV * HD) + kvh * HD
 
     @triton.jit(do_not_specialize=["bt_stride"])
     def _decode_kernel(
@@ -95,13 +91,16 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
-            kk, vv = _kv_tile(k_cache, v_cache, table, n, valid, kvh, d, dm, BS, NKV, HD)
+            row = _kv_rows(table, n, valid, kvh, BS, NKV, HD)
+            tm = valid[:, None] & dm[None, :]
+            kk = tl.load(k_cache + row[:, None] + d[None, :], mask=tm, other=0.0)
             sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT)
             sc = tl.where(valid[None, :], sc * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m - m_new)
             den = den * alpha + tl.sum(p, axis=1)
+            vv = tl.load(v_cache + row[:, None] + d[None, :], mask=tm, other=0.0)  # k and v are never live together
             acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, DOT)
             m = m_new
         has = den > 0
@@ -160,7 +159,10 @@ if triton is not None:
         for n0 in range(0, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = n < end
-            kk, vv = _kv_tile(k_cache, v_cache, table, n, valid, kvh, d, dm, BS, NKV, HD)
+            row = _kv_rows(table, n, valid, kvh, BS, NKV, HD)
+            tile = row[:, None] + d[None, :]
+            tm = valid[:, None] & dm[None, :]
+            kk = tl.load(k_cache + tile, mask=tm, other=0.0)
             sc = _dot(qv, tl.trans(kk.to(qv.dtype)), DOT) * scale
             ok = valid[None, :] & (n[None, :] <= q_pos[:, None])
             sc = tl.where(ok, sc, float("-inf"))
@@ -169,16 +171,21 @@ if triton is not None:
             p = tl.exp(sc - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             den = den * alpha + tl.sum(p, axis=1)
+            vv = tl.load(v_cache + tile, mask=tm, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(vv.dtype), vv, DOT)
             m = m_new
         o = acc / tl.where(den > 0, den, 1.0)[:, None]
         tl.store(out + rows[:, None] + d[None, :], o.to(out.dtype.element_ty), mask=mm[:, None] & dm[None, :])
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def decode_splits(batch: int, num_kv_heads: int, target: str = "cuda") -> int:
     """Split-K programs per (sequence, kv head): enough programs to fill the device at this batch (a power of two,
     so a batch bucket has one value), never more than MAX_SPLITS."""
-    want = -(-tiles(target)["decode_programs"] // max(1, batch * num_kv_heads))
+    want = -(-fixed(target)["decode_programs"] // max(1, batch * num_kv_heads))
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
 
 
@@ -189,13 +196,14 @@ def decode_launches(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: i
     g_pad = max(triton.next_power_of_2(G), 16)  # tl.dot needs 16 rows; a [G, BLOCK_N, HD] broadcast overflows UB
     splits = decode_splits(batch, num_kv_heads, target)
     hd_pad = triton.next_power_of_2(head_dim)
+    tile = of(DECODE, target, _name(dtype))
     decode = Launch(
         _decode_kernel, (batch, num_kv_heads, splits),
         dict(G=G, G_PAD=g_pad, HD=head_dim, HD_PAD=hd_pad, NKV=num_kv_heads, BS=block_size,
-             BLOCK_N=tiles(target)["decode_block_n"], SPLITS=splits, DOT=dot_mode(dtype, target)),
+             BLOCK_N=tile.block_n, SPLITS=splits, DOT=dot_mode(dtype, target)),
         dict(q=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype), block_tables=ptr(torch.int32),
              ctx_lens=ptr(torch.int32), out_part=ptr(torch.float32), lse_part=ptr(torch.float32), scale="fp32",
-             bt_stride="i32"))
+             bt_stride="i32"), tile.options(target))
     reduce = Launch(
         _reduce_splits_kernel, (batch * num_q_heads,),
         dict(HD=head_dim, HD_PAD=hd_pad, SPLITS=splits, S_PAD=triton.next_power_of_2(splits)),
@@ -205,13 +213,14 @@ def decode_launches(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: i
 
 def prefill_launch(num_seqs: int, max_query_len: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                    block_size: int, dtype: torch.dtype, cache_dtype: torch.dtype, target: str = "cuda") -> Launch:
-    block_m, block_n = tiles(target)["prefill_block"]
+    t = prefill_tile(target, max_query_len, _name(dtype))
     return Launch(
-        _prefill_kernel, (-(-max_query_len // block_m), num_seqs, num_q_heads),
+        _prefill_kernel, (-(-max_query_len // t.block_m), num_seqs, num_q_heads),
         dict(G=num_q_heads // num_kv_heads, HD=head_dim, HD_PAD=triton.next_power_of_2(head_dim), NKV=num_kv_heads,
-             BS=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot_mode(dtype, target)),
+             BS=block_size, BLOCK_M=t.block_m, BLOCK_N=t.block_n, DOT=dot_mode(dtype, target)),
         dict(q=ptr(dtype), k_cache=ptr(cache_dtype), v_cache=ptr(cache_dtype), block_tables=ptr(torch.int32),
-             ctx_lens=ptr(torch.int32), cu_q=ptr(torch.int32), out=ptr(dtype), scale="fp32", bt_stride="i32"))
+             ctx_lens=ptr(torch.int32), cu_q=ptr(torch.int32), out=ptr(dtype), scale="fp32", bt_stride="i32"),
+        t.options(target))
 
 
 def paged_attention_triton(

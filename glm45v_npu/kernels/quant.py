@@ -152,12 +152,13 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, dot_mode, fp8_dot, ptr, row_offset, target_of, tiles
+    from ._triton import Launch, dot_mode, fp8_dot, ptr, row_offset, target_of
     from ._triton import mma as _dot
+    from .tiles import QMM, Tile, fixed
 except ImportError:
     triton = None
 
-TRITON_TYPES = {FP8: "fp8e4nv", torch.int8: "i8"}
+TRITON_TYPES = {FP8: "fp8e4nv", torch.int8: "i8", torch.uint8: "u8"}
 
 if triton is not None:
 
@@ -173,6 +174,22 @@ if triton is not None:
         r = tl.floor(s + 0.5)
         r = tl.where((r - s == 0.5) & (r % 2 != 0), r - 1, r)
         return tl.where(tl.abs(v) < 0.015625, r / 512.0, normal)
+
+    @triton.jit
+    def _e4m3_bytes(b):
+        """Raw e4m3 bytes -> float32, where Triton has no e4m3 type (sm_80): the sign and the 7 exponent and
+        mantissa bits set into a float16's, times 2^8 for the exponent bias (7 against 15); subnormals come out
+        right too (e4m3's smallest, 2^-9, is a float16 subnormal)."""
+        bits = b.to(tl.int32)
+        half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.int16)
+        return half.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+    @triton.jit
+    def weight_values(b, W_BYTES: tl.constexpr):
+        """A tile of 8-bit weights as float32: converted, or decoded from raw e4m3 bytes (W_BYTES)."""
+        if W_BYTES:
+            return _e4m3_bytes(b)
+        return b.to(tl.float32)
 
     @triton.jit(do_not_specialize=["T"])
     def _quantize_kernel(x, xq, xs, T, K: tl.constexpr, GROUP_K: tl.constexpr, G: tl.constexpr,
@@ -246,7 +263,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _dequant_mm_kernel(x, wq, ws, bias, y, M, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                            GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
+                           W_BYTES: tl.constexpr):
         pm, pn, mi, ni, m, n, mm, nm = _output_tile(M, N, BLOCK_M, BLOCK_N)
         x_tile = x + row_offset(pm * BLOCK_M, K)
         w_tile = wq + row_offset(pn * BLOCK_N, K)
@@ -257,7 +275,7 @@ if triton is not None:
             a = tl.load(x_tile + mi[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             b = tl.load(w_tile + ni[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             sw = tl.load(ws + n.to(tl.int64) * G + (k0 // GROUP_K if G > 1 else 0), mask=nm, other=0.0)
-            acc += _dot(a, tl.trans((b.to(tl.float32) * sw[:, None]).to(a.dtype)), DOT)
+            acc += _dot(a, tl.trans((weight_values(b, W_BYTES) * sw[:, None]).to(a.dtype)), DOT)
         if HAS_BIAS:
             acc += tl.load(bias + n, mask=nm, other=0.0).to(tl.float32)[None, :]
         tl.store(y + m[:, None].to(tl.int64) * N + n[None, :], acc.to(y.dtype.element_ty),
@@ -267,41 +285,43 @@ if triton is not None:
 def quantize_launch(T: int, K: int, spec: QuantSpec, dtype: torch.dtype, target: str = "cuda") -> Launch:
     group_k = GROUP if spec.act == "group" else K
     G = -(-K // group_k)
-    block = min(tiles(target)["quant_block"], triton.next_power_of_2(group_k))
+    block = min(fixed(target)["quant_block"], triton.next_power_of_2(group_k))
     return Launch(_quantize_kernel, (T, G),
                   dict(K=K, GROUP_K=group_k, G=G, BLOCK=block, QMAX=spec.qmax, INT8=spec.weight == "int8"),
                   dict(x=ptr(dtype), xq="*" + TRITON_TYPES[spec.dtype], xs=ptr(torch.float32), T="i32"))
 
 
-def _mm_tiles(M: int, N: int, K: int, grouped: bool, target: str) -> tuple[int, int, int]:
-    bm, bn, bk = tiles(target)["qmm"]
-    if grouped:
-        bk = min(bk, GROUP)  # a K step never crosses a 128-column scale group
-    bm = min(bm, max(16, triton.next_power_of_2(M)))
-    return bm, bn, bk
+def _mm_tile(M: int, grouped: bool, target: str) -> Tile:
+    """The table's 8-bit GEMM tile, its rows cut to the step's (a power of two, 16 at least: one compile per
+    size class) and its K step to one 128-column scale group where scales are grouped."""
+    t = QMM[target]
+    return Tile(min(t.block_m, max(16, triton.next_power_of_2(M))), t.block_n,
+                min(t.block_k, GROUP) if grouped else t.block_k, t.num_warps, t.num_stages)
 
 
 def scaled_mm_launch(M: int, N: int, K: int, spec: QuantSpec, out_dtype: torch.dtype, has_bias: bool,
                      target: str = "cuda", has_qbias: bool = False) -> Launch:
     G = spec.groups(K)
-    bm, bn, bk = _mm_tiles(M, N, K, G > 1, target)
+    t = _mm_tile(M, G > 1, target)
     q = "*" + TRITON_TYPES[spec.dtype]
-    return Launch(_scaled_mm_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
-                  dict(N=N, K=K, G=G, GROUP_K=GROUP, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias,
-                       INT8=spec.weight == "int8", HAS_QBIAS=has_qbias),
+    return Launch(_scaled_mm_kernel, (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n)),
+                  dict(N=N, K=K, G=G, GROUP_K=GROUP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                       HAS_BIAS=has_bias, INT8=spec.weight == "int8", HAS_QBIAS=has_qbias),
                   dict(xq=q, xs=ptr(torch.float32), wq=q, ws=ptr(torch.float32), bias=ptr(out_dtype),
-                       qbias=ptr(torch.int32), y=ptr(out_dtype), M="i32"))
+                       qbias=ptr(torch.int32), y=ptr(out_dtype), M="i32"), t.options(target))
 
 
 def dequant_mm_launch(M: int, N: int, K: int, spec: QuantSpec, dtype: torch.dtype, has_bias: bool,
-                      target: str = "cuda") -> Launch:
+                      target: str = "cuda", w_bytes: bool = False) -> Launch:
+    """Weight-only GEMM; w_bytes: FP8 weights passed as their raw bytes (fp8_as_bytes)."""
     G = spec.groups(K)
-    bm, bn, bk = _mm_tiles(M, N, K, G > 1, target)
-    return Launch(_dequant_mm_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
-                  dict(N=N, K=K, G=G, GROUP_K=GROUP, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=has_bias,
-                       DOT=dot_mode(dtype, target)),
-                  dict(x=ptr(dtype), wq="*" + TRITON_TYPES[spec.dtype], ws=ptr(torch.float32), bias=ptr(dtype),
-                       y=ptr(dtype), M="i32"))
+    t = _mm_tile(M, G > 1, target)
+    weight = "*u8" if w_bytes else "*" + TRITON_TYPES[spec.dtype]
+    return Launch(_dequant_mm_kernel, (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n)),
+                  dict(N=N, K=K, G=G, GROUP_K=GROUP, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                       HAS_BIAS=has_bias, DOT=dot_mode(dtype, target), W_BYTES=w_bytes),
+                  dict(x=ptr(dtype), wq=weight, ws=ptr(torch.float32), bias=ptr(dtype), y=ptr(dtype), M="i32"),
+                  t.options(target))
 
 
 def weight_only_unless_fp8_dot(spec: QuantSpec, device: torch.device) -> QuantSpec:
@@ -310,6 +330,12 @@ def weight_only_unless_fp8_dot(spec: QuantSpec, device: torch.device) -> QuantSp
     if spec.weight == "fp8" and spec.act != "none" and not fp8_dot(device):
         return QuantSpec("fp8", "none", spec.group)
     return spec
+
+
+def fp8_as_bytes(spec: QuantSpec, device: torch.device) -> bool:
+    """Whether FP8 weights reach the kernels as raw bytes: where Triton has no e4m3 type at all (CUDA before sm_89,
+    where they run weight-only), the kernels decode them (_e4m3_bytes)."""
+    return spec.weight == "fp8" and spec.act == "none" and device.type == "cuda" and not fp8_dot(device)
 
 
 def quantize_triton(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,8 +362,9 @@ def quant_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     absent = y  # never read: HAS_BIAS is off
     x = x.contiguous()
     if spec.act == "none":
-        dequant_mm_launch(M, N, K, spec, x.dtype, bias is not None, target)(
-            x, weight, weight_scale, bias if bias is not None else absent, y, M)
+        raw = fp8_as_bytes(spec, x.device)
+        dequant_mm_launch(M, N, K, spec, x.dtype, bias is not None, target, raw)(
+            x, weight.view(torch.uint8) if raw else weight, weight_scale, bias if bias is not None else absent, y, M)
         return y
     if spec.act == "static" or token_scale is not None:
         xq, xs = quantize_torch(x, spec, input_scale, input_offset, token_scale)

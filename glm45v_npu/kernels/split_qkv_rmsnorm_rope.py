@@ -54,7 +54,8 @@ try:
     import triton
     import triton.language as tl
 
-    from ._triton import Launch, ptr, row_offset, target_of, tiles
+    from ._triton import Launch, ptr, row_offset, target_of
+    from .tiles import fixed
 except ImportError:  # CPU-only installs without triton run the twin
     triton = None
 
@@ -114,7 +115,7 @@ if triton is not None:
 def split_qkv_launch(T: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
                      dtype: torch.dtype, norm: bool, q_bias: bool, k_bias: bool, target: str = "cuda",
                      rope_dtype: torch.dtype = torch.float32) -> Launch:
-    heads = min(tiles(target)["split_heads"], triton.next_power_of_2(max(num_q_heads, num_kv_heads)))
+    heads = min(fixed(target)["split_heads"], triton.next_power_of_2(max(num_q_heads, num_kv_heads)))
     chunks = triton.cdiv(num_q_heads, heads) + 2 * triton.cdiv(num_kv_heads, heads)
     t = ptr(dtype)
     return Launch(

@@ -32,10 +32,17 @@ class DecoderLayer(nn.Module):
             start, count = layout.even(cfg.intermediate_size, "intermediate_size", source)
             self.mlp = SwiGLU(cfg.hidden_size, count, start if layout.world > 1 else None, schemes, f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
-        h = self.post_attention_layernorm(x)
-        return x + all_reduce(self.mlp(h, ctx.valid) if self.is_moe else self.mlp(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (its embeddings for the first layer, residual None); -> this
+        layer's MLP output and the residual stream before it. Each residual add is fused into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = all_reduce(self.self_attn(h, cos, sin, ctx))
+        h, residual = self.post_attention_layernorm(h, residual)
+        return all_reduce(self.mlp(h, ctx.valid) if self.is_moe else self.mlp(h)), residual
 
 
 class TextModel(nn.Module):
@@ -52,7 +59,7 @@ class TextModel(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """embeds [T, H], positions [3, T] -> final hidden states [T, H]. cos/sin are built once per step."""
         cos, sin = self.rotary(positions)
-        x = embeds
+        x, residual = embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]

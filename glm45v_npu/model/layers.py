@@ -192,8 +192,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.impl("rms_norm", x.device)(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(x + residual), x + residual) in one op (the decoder's residual add)."""
+        if residual is None:
+            return ops.impl("rms_norm", x.device)(x, self.weight, self.eps)
+        return ops.impl("add_rms_norm", x.device)(x, residual, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):

@@ -139,7 +139,7 @@ class MoE(nn.Module):
         """valid [T] bool marks real rows of a padded batch; the others route to no expert."""
         weights, ids = self.gate(x)
         if valid is not None:
-            ids = ids.masked_fill(~valid[:, None], self.num_experts)  # the id every MoE kernel skips
+            ids = torch.where(valid[:, None], ids, self.num_experts)  # the id every MoE kernel skips
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
