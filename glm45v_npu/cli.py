@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
@@ -105,6 +107,8 @@ ENGINE_OPTIONS: list[tuple[str, Any, Any]] = [
                                              help="auto: sampling defaults from the checkpoint's "
                                              "generation_config.json; vllm: ignore it")], None),
     ("enforce_eager", Annotated[bool, Opt("--enforce-eager", help="no decode graphs")], None),
+    ("dist_timeout_s", Annotated[float, Opt("--dist-timeout-s", metavar="S", help="with several ranks: a "
+                                            "collective that waits longer fails, naming the rank that died")], None),
 ]
 
 SAMPLING_OPTIONS: list[tuple[str, Any]] = [
@@ -145,7 +149,14 @@ def engine_options(fn):
     def collect(values: dict) -> EngineConfig:
         values["dtype"] = None if values["dtype"] == "auto" else values["dtype"]
         with _flag_errors():
-            return EngineConfig(**values)
+            config = EngineConfig(**values)
+        if os.environ.get("RANK", "0") != "0":  # a torchrun follower: its part of the model before any command work
+            from .engine.worker import follow
+            from .parallel.cluster import Torchrun
+
+            if Torchrun.from_env() is not None:
+                follow(config)
+        return config
 
     return _inject(fn, "engine", options, collect)
 
@@ -202,7 +213,7 @@ def _llm(config: EngineConfig):
 
     if config.model == "tiny-random":
         err.print("[yellow]tiny-random: a tiny model with random weights; its answers are random.[/yellow]")
-    with err.status(f"loading {config.model}"):
+    with err.status(f"loading {escape(config.model)}"):
         llm = LLM.from_config(config)
     s = llm.stats()
     err.print(f"[dim]{llm.model_config.model_type} on {llm.device} ({str(llm.dtype).removeprefix('torch.')}), KV "
@@ -363,18 +374,38 @@ def caption(
     overwrite: Annotated[bool, Opt("--overwrite/--resume", help="start the output afresh, or skip the paths "
                                    "already in it")] = False,
     think: Annotated[bool, Opt("--think/--no-think", help="reason before answering (slower)")] = False,
+    shard: Annotated[str | None, Opt("--shard", metavar="I/N", help="caption only the inputs whose path hashes to "
+                                     "shard I of N, into OUT.parts/shard-I-of-N.jsonl (a later run without "
+                                     "--shard captions what is missing and merges the parts into OUT)")] = None,
     engine: EngineConfig = None,
     sampling: dict = None,
 ) -> None:
-    """Caption many images with continuous batching; resumable JSONL output."""
-    from .apps.caption import collect_inputs, run_caption
+    """Caption many images with continuous batching; resumable JSONL output, shardable over replicas."""
+    from .apps import caption as cap
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
-    paths = collect_inputs(inputs, recursive)
-    llm = _llm(replace(engine, max_num_seqs=batch))
-    params = llm.engine.default_sampling_params(**sampling)
-    code = run_caption(llm, paths, out_file, prompt, params, batch, overwrite, thinking=think,
-                       system_prompt=system_prompt, console=err)
+    paths = cap.collect_inputs(inputs, recursive)
+    part = cap.parse_shard(shard) if shard else None
+    merging = part is None and cap.parts_dir(out_file).is_dir()
+    target, mine = out_file, paths
+    if part is not None:
+        target, mine = cap.part_file(out_file, *part), [p for p in paths if cap.shard_of(p, part[1]) == part[0]]
+    elif merging:
+        target = cap.parts_dir(out_file) / cap.REST
+    if part is not None or merging:
+        finished = cap.done_elsewhere(out_file, target)
+        mine = [p for p in mine if p not in finished]
+    before = cap.shard_rows(paths, out_file) if merging else []
+    code = 0
+    if overwrite or cap.pending(mine, target):  # nothing to caption: no model to load
+        llm = _llm(replace(engine, max_num_seqs=batch))
+        params = llm.engine.default_sampling_params(**sampling)
+        code = cap.run_caption(llm, mine, target, prompt, params, batch, overwrite, thinking=think,
+                               system_prompt=system_prompt, console=err)
+    else:
+        err.print(f"nothing to caption: every input of {'this shard' if part else 'the run'} is done", markup=False)
+    if merging and code == 0:
+        cap.merge_parts(paths, out_file, err, before)
     raise typer.Exit(code)
 
 
@@ -433,7 +464,7 @@ def serve(
                 timer.start()
             super().handle_exit(sig, frame)
 
-    err.print(f"[dim]serving {config.model_name} on http://{host}:{port}/v1[/dim]")
+    err.print(f"[dim]serving {escape(config.model_name)} on http://{escape(host)}:{port}/v1[/dim]")
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled: a graceful stop exits 0
         signal.signal(sig, lambda *_: None)
     Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace,

@@ -32,7 +32,8 @@ def _probed(graphs, bucket: int, *vendor) -> list:
     return syncs
 
 
-@pytest.mark.parametrize("bucket", [1, 8, pytest.param(64, marks=pytest.mark.slow)])  # 64: half a minute
+@pytest.mark.parametrize("bucket", [1, pytest.param(8, marks=pytest.mark.slow),
+                                    pytest.param(64, marks=pytest.mark.slow)])  # the interpreter is slow
 def test_the_cuda_decode_step_never_waits_for_the_device(triton_path, bucket):
     graphs = decode_step(glm45v_small(), bucket)
     assert _probed(graphs, bucket) == []

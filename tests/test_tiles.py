@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from glm45v_npu.kernels import tiles
 from glm45v_npu.kernels.tiles import MOE, Tile, moe_key, moe_tile, of, prefill_tile
 from tests.ascend_env import ROOT
@@ -34,6 +36,7 @@ def test_a_tuned_table_wins_for_its_shapes_only(tmp_path, monkeypatch):
         tiles._tuned.cache_clear()
 
 
+@pytest.mark.slow
 def test_the_tuner_writes_a_table_the_launchers_read(tmp_path, monkeypatch):
     out = tmp_path / "cuda.json"
     r = subprocess.run([sys.executable, "benchmarks/tune_moe.py", "--smoke", "--out", str(out)], cwd=ROOT,

@@ -4,15 +4,20 @@ as each finishes (flushed), errors as lines of their own, resumable, Ctrl-C safe
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
+import re
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..engine.answer import parse_answer
 from ..errors import Glm45vError
@@ -54,6 +59,120 @@ def _done_paths(out: Path) -> set[str]:
     return done
 
 
+# --- shards: replicas that each caption part of the inputs, merged afterwards -------------------------------
+
+REST = "rest.jsonl"  # what a merge run captions itself: the inputs no shard finished
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise Glm45vError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise Glm45vError(f"--shard {text}: expected 0 <= I < N")
+    return i, n
+
+
+def shard_of(path: str, n: int) -> int:
+    """The shard of a path: a hash of the path as given, the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % n
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def part_file(out: Path, i: int, n: int) -> Path:
+    return parts_dir(out) / f"shard-{i}-of-{n}.jsonl"
+
+
+def _records(file: Path) -> list[dict]:
+    """A part's records; a torn last line (a replica killed mid-write) is ignored."""
+    out = []
+    if file.is_file():
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "path" in record:
+                out.append(record)
+    return out
+
+
+def done_elsewhere(out: Path, target: Path) -> set[str]:
+    """Paths finished in the merged output or in any part but `target` (a reshard redoes none of them)."""
+    files = [out] + sorted(parts_dir(out).glob("*.jsonl")) if parts_dir(out).is_dir() else [out]
+    return {r["path"] for f in files if f != target for r in _records(f)}
+
+
+@dataclass
+class ShardRow:
+    name: str
+    done: int = 0
+    errors: int = 0
+    missing: int = 0
+    rate: float = 0.0
+
+
+def shard_rows(paths: list[str], out: Path) -> list[ShardRow]:
+    """Per part file: results, errors, its inputs that no part has finished (missing), images per second."""
+    finished = done_elsewhere(out, Path())
+    files = set(parts_dir(out).glob("*.jsonl"))
+    for file in list(files):  # every shard of a split, also those that never wrote a line
+        shard = re.fullmatch(r"shard-(\d+)-of-(\d+)", file.stem)
+        if shard:
+            files |= {part_file(out, i, int(shard[2])) for i in range(int(shard[2]))}
+    rows = []
+    for file in sorted(files):
+        records = _records(file)
+        row = ShardRow(file.stem, sum("error" not in r for r in records), sum("error" in r for r in records))
+        shard = re.fullmatch(r"shard-(\d+)-of-(\d+)", file.stem)
+        if shard:
+            i, n = int(shard[1]), int(shard[2])
+            row.missing = sum(shard_of(p, n) == i and p not in finished for p in paths)
+        times = [(r["finished"] - r.get("seconds", 0.0), r["finished"]) for r in records if "finished" in r]
+        if times:
+            row.rate = len(times) / max(max(t for _, t in times) - min(t for t, _ in times), 1e-9)
+        rows.append(row)
+    return rows
+
+
+def merge_parts(paths: list[str], out: Path, console: Console, missing_before: list[ShardRow]) -> None:
+    """One OUT in input order from the parts (and an earlier merge), written whole and renamed into place."""
+    by_path: dict[str, dict] = {}
+    for file in [out] + sorted(parts_dir(out).glob("*.jsonl")):
+        for record in _records(file):
+            by_path.setdefault(record["path"], record)
+    tmp = out.with_name(out.name + ".merging")
+    with tmp.open("w", encoding="utf-8") as f:
+        for path in paths:
+            if path in by_path:
+                f.write(json.dumps(by_path[path], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    before = {row.name: row.missing for row in missing_before}
+    t = Table(title=f"merged {sum(p in by_path for p in paths)} of {len(paths)} inputs into {escape(str(out))}")
+    for col in ("part", "done", "errors", "missing before this run", "images/s"):
+        t.add_column(col, justify="left" if col == "part" else "right")
+    rows = shard_rows(paths, out)
+    for row in rows:
+        t.add_row(Text(row.name), str(row.done), str(row.errors), str(before.get(row.name, "-")),
+                  f"{row.rate:.2f}" if row.rate else "-")
+    t.add_row("total", str(sum(r.done for r in rows)), str(sum(r.errors for r in rows)),
+              str(sum(before.values())), "")
+    console.print(t)
+
+
+def pending(paths: list[str], out: Path) -> list[str]:
+    """The paths not yet in `out`."""
+    done = _done_paths(out)
+    return [p for p in paths if p not in done]
+
+
 def media_kind(path: str) -> str:
     return "video" if Path(path).suffix.lower() in VIDEO_SUFFIXES else "image"
 
@@ -78,7 +197,7 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
     done = _done_paths(out)
     todo = [p for p in paths if p not in done]
     if not todo:
-        console.print(f"nothing to do: all {len(paths)} inputs are already in {out}")
+        console.print(f"nothing to do: all {len(paths)} inputs are already in {out}", markup=False)
         return 0
     # a torn last line (killed mid-write) must not glue onto the next record
     if out.is_file() and out.stat().st_size and not out.read_bytes().endswith(b"\n"):
@@ -96,6 +215,7 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
     with out.open("a", encoding="utf-8") as f, progress:
 
         def write(record: dict) -> None:
+            record["finished"] = round(time.time(), 3)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             stats["error" if "error" in record else "ok"] += 1
@@ -149,5 +269,5 @@ def _summary(console: Console, stats: dict, seconds: float, skipped: int, out: P
     for name, value in [("captioned", stats["ok"]), ("errors", stats["error"]), ("skipped (already done)", skipped),
                         ("prompt tokens", stats["prompt_tokens"]), ("completion tokens", stats["completion_tokens"]),
                         ("seconds", f"{seconds:.1f}"), ("output", str(out))]:
-        t.add_row(name, str(value))
+        t.add_row(name, Text(str(value)))  # as text: paths may hold [brackets]
     console.print(t)

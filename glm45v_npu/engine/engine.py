@@ -23,25 +23,20 @@ import torch
 
 from .. import platform
 from ..errors import FieldError, Glm45vError
-from ..inputs.processor import EncodedPrompt, Processor, generation_defaults
-from ..model.hf_config import check_layout, load_config, with_num_layers
-from ..model.hub import resolve_model
-from ..model.quantization import read_plan
+from ..inputs.processor import EncodedPrompt, generation_defaults
 from ..outputs import Logprob, RequestMetrics, RequestOutput
 from ..parallel.cluster import Cluster
-from ..parallel.layout import Layout, env_layout
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import Grammars
-from .memory import check_fits
 from .requests import Completion, Request, derived_seed
 from .runner import StepPlan
 from .sampler import Sampled, Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
-from .worker import RankSpec, build_rank, rank_device, worker_main
+from .worker import build_rank, prepare, worker_main
 
 log = logging.getLogger("glm45v_npu")
 _request_ids = itertools.count()
@@ -68,37 +63,22 @@ class EngineStats:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        path, weightless = resolve_model(config.model, config.revision, config.download_dir)
-        if weightless and config.load_format != "dummy":
-            raise Glm45vError(f"--model {config.model}: a built-in config has no weights; add --load-format dummy")
-        self.model_config = cfg = with_num_layers(load_config(path), config.num_layers)
-        torchrun = env_layout()
-        world = torchrun.world if torchrun else config.tensor_parallel_size
-        layout = Layout(torchrun.rank if torchrun else 0, world, config.enable_expert_parallel)
-        check_layout(cfg, layout)  # a clear error before any process starts
-        base = platform.pick_device(config.device)
-        self.device = rank_device(base, layout.rank)
-        self.dtype = platform.pick_dtype(config.dtype, self.device)
-        limit = cfg.text.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise Glm45vError(f"max_model_len={config.max_model_len}: the model's context is {limit} tokens "
-                              f"(max_position_embeddings in {cfg.source})")
-        self.max_model_len = config.max_model_len or limit
-        self.quant_plan = read_plan(path, config.quantization, self.device.type)
-        self.weight_bytes_per_rank = check_fits(cfg, layout, self.dtype, self.device, config.gpu_memory_utilization,
-                                                self.quant_plan)
-        self.processor = Processor(path, cfg, config.max_pixels, config.limit_mm_per_prompt,
-                                   config.mm_processor_kwargs)
-        self.sampling_defaults = generation_defaults(path) if config.generation_config == "auto" else {}
+        ready = prepare(config)  # every rank checks the same: a mistake is an error on each
+        spec = ready.spec
+        self.model_config = spec.model
+        self.device, self.dtype, self.quant_plan = ready.device, spec.dtype, spec.plan
+        self.max_model_len = ready.max_model_len
+        self.weight_bytes_per_rank = ready.weight_bytes
+        self.processor = ready.processor
+        self.sampling_defaults = generation_defaults(ready.path) if config.generation_config == "auto" else {}
         try:
             SamplingParams(**self.sampling_defaults)
         except FieldError as e:
-            raise Glm45vError(f"{path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
-        spec = RankSpec(config, str(path), cfg, self.dtype, base, world,
-                        max_image_patches=self.processor.max_image_patches, plan=self.quant_plan)
-        self.cluster = Cluster(layout, self.device, torchrun is not None, config.dist_timeout_s, worker_main, spec)
+            raise Glm45vError(f"{ready.path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
+        self.cluster = Cluster(ready.layout, self.device, ready.torchrun is not None, config.dist_timeout_s,
+                               worker_main, spec)
         with self.cluster.collective():
-            _, self.runner, num_blocks, per_block = build_rank(spec, layout, self.device, progress=True)
+            _, self.runner, num_blocks, per_block = build_rank(spec, ready.layout, self.device, progress=True)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.seed))

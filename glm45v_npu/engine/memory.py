@@ -194,17 +194,18 @@ def available_bytes(device: torch.device) -> int:
 
 
 def check_fits(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, device: torch.device,
-               fraction: float, plan: QuantPlan | None = None) -> int:
-    """Refuse up front, with the numbers, when one rank's weights cannot fit its device (on a CPU, when all
-    ranks' weights cannot fit the host memory). Returns the per-rank weight bytes."""
+               fraction: float, plan: QuantPlan | None = None, ranks_here: int | None = None) -> int:
+    """Refuse up front, with the numbers, when one rank's weights cannot fit its device (on a CPU, when the
+    weights of the ranks on this machine, `ranks_here`, cannot fit its memory). Returns the per-rank bytes."""
     per_rank = weight_bytes_per_rank(cfg, layout, dtype, plan)
+    here = layout.world if ranks_here is None else ranks_here
     if device.type == "cpu":
-        need, have, where = per_rank * layout.world, available_bytes(device), "available host memory"
+        need, have, where = per_rank * here, available_bytes(device), "available host memory"
     else:
         need, have, where = per_rank, int(available_bytes(device) * fraction), f"{fraction:.0%} of one {device.type}"
     if need > have:
         raise Glm45vError(
-            f"the weights do not fit: {layout.world} rank(s) x {per_rank / 2**30:.1f} GiB "
+            f"the weights do not fit: {here if device.type == 'cpu' else 1} rank(s) x {per_rank / 2**30:.1f} GiB "
             f"({str(dtype).removeprefix('torch.')}) need {need / 2**30:.1f} GiB but {where} is {have / 2**30:.1f} GiB;"
             " use more devices (--tensor-parallel-size) or --num-layers for a truncated benchmark")
     return per_rank

@@ -8,7 +8,6 @@ parallel (each rank owns a slice of every expert), vocab-parallel embedding and 
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
@@ -108,16 +107,20 @@ def broadcast(obj):
     return box[0]
 
 
+def is_comm_error(e: Exception) -> bool:
+    """A failure of the process group itself (a peer gone, a timeout), not of the work in a step."""
+    return isinstance(e, (dist.DistBackendError, dist.DistNetworkError, ConnectionError, TimeoutError)) or (
+        isinstance(e, RuntimeError) and any(w in str(e) for w in ("Connection", "Timed out", "timed out", "closed")))
+
+
+def store() -> dist.Store:
+    """The process group's key-value store (torchrun's, or the tcp:// one rank 0 hosts)."""
+    return dist.distributed_c10d._get_default_store()
+
+
 def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def env_layout() -> Layout | None:
-    """Under torchrun: the layout from RANK / WORLD_SIZE."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        return Layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-    return None
