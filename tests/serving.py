@@ -39,6 +39,20 @@ class Server:
         return False
 
 
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    """Until a server started in another process answers /health with 200 (or the timeout passes)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
 def data_uri(image) -> str:
     buf = io.BytesIO()
     image.save(buf, "PNG")

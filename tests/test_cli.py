@@ -50,6 +50,7 @@ def thin_folder(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_caption_with_an_image_transformers_refuses(env, thin_folder, tmp_path):
     out = tmp_path / "c.jsonl"
     r = glm45v(env, "caption", thin_folder, "--out", out, "--max-tokens", 4)
@@ -235,6 +236,7 @@ def test_info_shows_kernel_paths_and_model(runs):
         assert text in r.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_not_the_session(env):
     proc = subprocess.Popen([str(BIN), "chat", "--max-tokens", "3000", "--temperature", "1"], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -65,7 +65,8 @@ def test_the_probe_catches_a_sync_put_back_into_the_moe_path(triton_path, monkey
     assert all(where.startswith("test_decode_step.py:") for _, where in syncs), syncs
 
 
-@pytest.mark.parametrize("use_qk_norm", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["glm-4.5v", "qk-norm"])
+@pytest.mark.slow
+@pytest.mark.parametrize("use_qk_norm", [False, True], ids=["glm-4.5v", "qk-norm"])
 def test_launches_per_layer_are_counted(triton_path, use_qk_norm):
     """A dense layer and each MoE layer launch the same number of kernels at any batch; the count is printed (the
     README's figures come from benchmarks/decode_launches.py, which runs the same counter)."""

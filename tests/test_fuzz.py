@@ -212,6 +212,7 @@ def test_request_fuzz_gives_validation_errors_only(ckpt, capsys):
         print(f"\nrequest fuzz: 400 requests, {ok} encoded, {bad} rejected with a validation error")
 
 
+@pytest.mark.slow
 def test_soak_500_requests_with_aborts_and_failing_steps(ckpt, monkeypatch, capsys):
     """500 random requests (text, 1-3 images, stop strings, seeded sampling) on a cache that forces preemption,
     with aborts at random moments and a few injected step failures: every block ends free, every structure empty,

@@ -16,6 +16,7 @@ from glm45v_npu.engine.worker import rank_device
 from glm45v_npu.errors import Glm45vError
 from glm45v_npu.parallel.cluster import Torchrun
 from glm45v_npu.parallel.layout import free_port
+from tests.serving import wait_healthy
 from tests.tiny import make_vl_checkpoint, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,13 +202,7 @@ def test_a_server_on_two_nodes_answers_after_idling_past_the_timeout(ckpt):
                     "--dist-timeout-s", "5"])
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        wait_healthy(url)
         time.sleep(12)  # longer than the process-group timeout
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None

@@ -20,7 +20,7 @@ from glm45v_npu.engine.sampler import Sampled
 from glm45v_npu.parallel.layout import free_port
 from glm45v_npu.server.media_policy import MediaPolicy
 from glm45v_npu.testing.tiny_random import TOKEN_IDS
-from tests.serving import Server, data_uri
+from tests.serving import Server, data_uri, wait_healthy
 from tests.tiny import make_vl_checkpoint, random_image
 
 KEY = "test-key"
@@ -245,13 +245,7 @@ def test_sigterm_during_streaming_exits_cleanly(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(url)
         body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True,
                 "ignore_eos": True}
         with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:

@@ -25,7 +25,7 @@ from ..model.hub import resolve_model
 from ..model.loader import init_dummy_weights
 from ..model.quantization import QuantPlan, read_plan
 from ..parallel import layout as collectives
-from ..parallel.cluster import KEEP_ALIVE, Torchrun, register
+from ..parallel.cluster import KEEP_ALIVE, Torchrun, leave, register
 from ..parallel.layout import Layout
 from .config import EngineConfig
 from .memory import WarmupStep, check_fits, kv_budget, kv_bytes_per_token
@@ -157,5 +157,5 @@ def worker_main(rank: int, spec: RankSpec, init_method: str) -> NoReturn:
             traceback.print_exc(file=sys.stderr)
         code = 1
     finally:
-        collectives.shutdown()
+        leave()
     sys.exit(code)

@@ -2,13 +2,14 @@
 torchrun on any number of machines), sending each step's command, and turning a rank's death or a failed
 collective into one error that names the rank, its node, host and pid.
 
-Every rank registers (node, host, pid) in the process group's store and beats there every second, so rank 0 can
+Every rank registers (node, host, pid) in the process group's store and beats there every half second, so rank 0 can
 tell which rank went silent wherever it runs. What a follower does is the engine's business (engine/worker.py);
 this module only starts, feeds, watches and stops it.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import multiprocessing
@@ -33,6 +34,7 @@ from .layout import Layout, free_port
 KEEP_ALIVE = "keep-alive"  # a command followers receive and ignore
 BEAT_S = 0.5  # each rank's heartbeat in the store
 SILENT_S = 2.5  # a rank whose last beat is older than this has died
+STORE_WAIT_S = 2.0  # the longest a heartbeat or a look at the store may block
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -63,20 +65,41 @@ class Torchrun:
 
 
 def register(rank: int, node: int) -> None:
-    """This rank's node, host and pid in the store, and a daemon thread that beats there until the process ends."""
+    """This rank's node, host and pid in the store, and a thread that beats there until leave()."""
     store = collectives.store()
     store.set(f"glm45v/rank/{rank}", json.dumps({"node": node, "host": socket.gethostname(), "pid": os.getpid()}))
+    stop = threading.Event()
 
     def beat() -> None:
-        while True:
+        while not stop.wait(BEAT_S):
             try:
                 store.set(f"glm45v/beat/{rank}", str(time.time()))
             except Exception:  # the store is gone with rank 0: the step loop reports that
                 return
-            time.sleep(BEAT_S)
 
     store.set(f"glm45v/beat/{rank}", str(time.time()))  # there before anyone looks
-    threading.Thread(target=beat, name=f"glm45v-beat{rank}", daemon=True).start()
+    thread = threading.Thread(target=beat, name=f"glm45v-beat{rank}", daemon=True)
+    thread.start()
+    _beats.append((stop, thread))
+
+
+def leave() -> None:
+    """Stop this rank's heartbeat, then leave the process group. A beat thread still inside the store's C++ call
+    when the interpreter exits, or when the group goes, is unwound by force and aborts the whole process
+    (std::terminate), so it is stopped and joined first; also at exit, for a process that never called this."""
+    _stop_beats()
+    collectives.shutdown()
+
+
+def _stop_beats() -> None:
+    while _beats:
+        stop, thread = _beats.pop()
+        stop.set()
+        thread.join(timeout=STORE_WAIT_S)
+
+
+_beats: list[tuple[threading.Event, threading.Thread]] = []
+atexit.register(_stop_beats)
 
 
 def registry(world: int) -> dict[int, dict]:
@@ -100,7 +123,7 @@ def dead_ranks(ranks: dict[int, dict], world: int, patience_s: float) -> list[st
     while not gone:
         try:
             store = collectives.store()
-            store.set_timeout(datetime.timedelta(seconds=2))
+            store.set_timeout(datetime.timedelta(seconds=STORE_WAIT_S))
             now = time.time()
             gone = [describe(r, ranks.get(r)) for r in range(1, world)
                     if now - float(store.get(f"glm45v/beat/{r}").decode()) > SILENT_S]
@@ -148,7 +171,7 @@ class Cluster:
                 p = ctx.Process(target=worker, args=(rank, spec, init_method), name=f"glm45v-rank{rank}", daemon=True)
                 p.start()
                 self.workers.append(p)
-        self._finalizer = weakref.finalize(self, _shutdown, self.workers)
+        self._finalizer = weakref.finalize(self, _shutdown, self.workers, self._lock, self._idle)
         if torchrun and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._terminated)
         with self.collective():
@@ -220,7 +243,7 @@ class Cluster:
                        f"a tensor-parallel collective failed ({type(error).__name__}: {error}); the run cannot go on")
         if self._finalizer is not None:
             self._finalizer.detach()
-        collectives.shutdown()
+        leave()
         raise Glm45vError(self.broken) from None
 
     def _terminated(self, signum, frame) -> NoReturn:
@@ -238,13 +261,17 @@ class Cluster:
                 self._finalizer()
 
 
-def _shutdown(workers: list) -> None:
-    try:
-        collectives.broadcast(None)
-    except Exception:  # a worker already gone: nothing to tell it
-        pass
+def _shutdown(workers: list, lock: threading.RLock, idle: threading.Event) -> None:
+    """Tell the followers to stop and leave the group, after any keep-alive in flight (a thread inside a
+    collective at exit aborts the process)."""
+    idle.set()
+    with lock:
+        try:
+            collectives.broadcast(None)
+        except Exception:  # a worker already gone: nothing to tell it
+            pass
     for p in workers:
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
-    collectives.shutdown()
+    leave()
