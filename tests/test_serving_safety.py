@@ -164,7 +164,7 @@ def test_a_huge_image_is_refused_from_its_header_and_stalls_no_stream(server, ca
     with capsys.disabled():
         print(f"\nmedia pool: largest stream gap {max(calm) * 1e3:.1f} ms calm, {max(loaded) * 1e3:.1f} ms next to a "
               f"13000x13000 PNG (ratio {max(loaded) / max(calm):.2f}; one engine step {step_s * 1e3:.1f} ms)")
-    assert max(loaded) <= max(calm) + 2 * max(step_s, 0.05)
+    assert max(loaded) <= max(calm) + 2 * step_s  # the bound: at most two engine steps later
 
 
 def test_slow_media_work_does_not_pause_other_streams(server, monkeypatch):

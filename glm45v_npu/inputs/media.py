@@ -31,6 +31,14 @@ def data_uri_bytes(uri: str, name: str) -> bytes:
         raise Glm45vError(f"{name}: invalid base64 in the data: URI ({e})") from None
 
 
+def load_decoders() -> None:
+    """Import every PIL image plugin now. Otherwise the first image a server sees pays ~50 ms of imports holding
+    the GIL, and every stream pauses for them."""
+    from PIL import Image
+
+    Image.init()
+
+
 def open_image(image: Any, name: str | None = None, max_pixels: int | None = None):
     """A PIL image, a path, raw bytes or a data: URI -> RGB PIL image (EXIF orientation applied, first frame of
     animations, transparency over white, 16-bit scaled down). An encoded image over `max_pixels` is refused from

@@ -59,6 +59,7 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="glm45v-engine", daemon=True)
 
     def start(self) -> None:
+        self.llm.engine.processor.warm()
         self.thread.start()
 
     def stop(self) -> None:
