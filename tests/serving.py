@@ -5,6 +5,7 @@ import io
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from glm45v_npu.parallel.layout import free_port
@@ -40,9 +41,7 @@ class Server:
 
 
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
-    """Until a server started in another process answers /health with 200 (or the timeout passes)."""
-    import httpx
-
+    """Until a server started in another process answers /health with 200; past the timeout, fail saying so."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -51,6 +50,7 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+    raise AssertionError(f"{url}/health did not answer 200 within {timeout:.0f} s")
 
 
 def data_uri(image) -> str:

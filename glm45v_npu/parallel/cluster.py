@@ -34,7 +34,7 @@ from .layout import Layout, free_port
 KEEP_ALIVE = "keep-alive"  # a command followers receive and ignore
 BEAT_S = 0.5  # each rank's heartbeat in the store
 SILENT_S = 2.5  # a rank whose last beat is older than this has died
-STORE_WAIT_S = 2.0  # the longest a heartbeat or a look at the store may block
+STORE_WAIT_S = 2.0  # the longest rank 0 looks at the store for a dead rank, or waits for a beat to stop
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
