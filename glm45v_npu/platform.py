@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import torch
 
 from .errors import Glm45vError
+
+
+def cache_dir() -> Path:
+    """What this machine makes once and keeps: the tiny random model, the compiled CPU kernels."""
+    return Path(os.environ.get("GLM45V_CACHE") or Path.home() / ".cache" / "glm45v-npu")
+
+
+def cpu_share(local_rank: int = 0, local_world: int = 1) -> list[int]:
+    """The cores one rank may use: the cores this process may run on (its affinity, as taskset, cgroups or a
+    launcher set it) split evenly between the ranks on this machine, rank 0 first."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per = max(1, len(allowed) // max(1, local_world))
+    start = (local_rank * per) % len(allowed)
+    return allowed[start : start + per]
+
+
+def use_cpu_share(local_rank: int = 0, local_world: int = 1, pin: bool = True) -> int:
+    """Run one torch thread per core of this rank's share and, with `pin` (a process of its own: a spawned or
+    torchrun rank, not the caller's), keep the process on those cores when ranks share the machine; -> the
+    thread count before. A decode step reads every weight once: more threads than cores only contend."""
+    cores = cpu_share(local_rank, local_world)
+    if pin and local_world > 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(cores))
+    return before
 
 
 def npu_available() -> bool:

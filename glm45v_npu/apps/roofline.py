@@ -38,10 +38,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
     return 2 * nbytes / best
 
 
-def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2, weight_itemsize: int | None = None
-               ) -> dict[str, float]:
+def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2, weight_itemsize: int | None = None,
+               distinct: float | None = None) -> dict[str, float]:
     """weight_itemsize: bytes per weight of the decoder's linear and expert layers (1 for FP8 / int8; their
-    scales are a fraction of a percent and not counted); lm_head, routers and the KV cache keep their own."""
+    scales are a fraction of a percent and not counted); lm_head, routers and the KV cache keep their own.
+    distinct: routed experts a MoE layer reads per step, as measured (default: what uniform routing of `batch`
+    tokens would hit)."""
     t = cfg.text
     h, layers = t.hidden_size, t.num_hidden_layers
     w = itemsize if weight_itemsize is None else weight_itemsize
@@ -50,7 +52,8 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int = 2, we
     moe_layers = layers - dense_layers
     expert = 3 * h * t.moe_intermediate_size * w
     E, K = t.n_routed_experts, t.num_experts_per_tok
-    distinct = E * (1 - (1 - K / E) ** batch)  # expected distinct experts hit by `batch` tokens
+    if distinct is None:
+        distinct = E * (1 - (1 - K / E) ** batch)  # expected distinct experts hit by `batch` tokens
     parts = {
         "attention": layers * attn,
         "dense mlp": dense_layers * 3 * h * t.intermediate_size * w,

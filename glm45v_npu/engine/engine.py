@@ -77,6 +77,11 @@ class Engine:
             raise Glm45vError(f"{ready.path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
         self.cluster = Cluster(ready.layout, self.device, ready.torchrun is not None, config.dist_timeout_s,
                                worker_main, spec)
+        self._threads_before = None
+        if self.device.type == "cpu":  # after the followers started: they take their shares of the same cores
+            run = ready.torchrun
+            self._threads_before = platform.use_cpu_share(run.local_rank if run else 0,
+                                                          run.local_world if run else spec.world, pin=run is not None)
         with self.cluster.collective():
             _, self.runner, num_blocks, per_block = build_rank(spec, ready.layout, self.device, progress=True)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -200,6 +205,9 @@ class Engine:
 
     def close(self) -> None:
         self.cluster.close()
+        if self._threads_before is not None:  # the caller's process gets its thread count back
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     # --- one step -----------------------------------------------------------------------------------------
 

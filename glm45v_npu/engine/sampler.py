@@ -40,8 +40,11 @@ class Sampler:
         """history: each row's prompt then output ids; prompt_lens: where its output starts (penalties on
         outputs only); suppress: token ids a row may not sample now (eos and stop ids before min_tokens);
         allowed: the structured-output token bitmask of the rows (engine/grammar.py), after penalties."""
-        logits = logits.float()
-        logprobs_all = torch.log_softmax(logits, dim=-1)
+        raw = logits.float()  # logprobs are the model's, before penalties and masks
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # one pass; the full log_softmax only when asked for
+        edits = allowed is not None or any(suppress or []) or any(
+            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        logits = raw.clone() if edits else raw
         logits = apply_penalties(logits, params, history, prompt_lens or [0] * len(params))
         for i, ids in enumerate(suppress or []):
             if ids:
@@ -54,10 +57,11 @@ class Sampler:
             rows = torch.tensor(sampled, device=logits.device)
             probs = filtered_probs(logits[rows], [params[i] for i in sampled])
             tokens[rows] = draw(probs, [generators[i] for i in sampled], self.generator)
-        chosen = logprobs_all.gather(1, tokens[:, None])
+        chosen = raw.gather(1, tokens[:, None]) - lse
         top: list[list[tuple[int, float]] | None] = [None] * len(params)
         ranks = [0] * len(params)  # only rows that asked for logprobs report a rank
         if any(p.logprobs is not None for p in params):
+            logprobs_all = raw - lse
             ranks = ((logprobs_all > chosen).sum(-1) + 1).tolist()
         wanted = [i for i, p in enumerate(params) if p.logprobs]
         if wanted:

@@ -7,7 +7,6 @@ torchrun does) with `worker_main`.
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -139,7 +138,9 @@ def worker_main(rank: int, spec: RankSpec, init_method: str) -> NoReturn:
     device = rank_device(spec.device, torchrun.local_rank if torchrun else rank)
     if device.type != "cpu":
         platform.device_module(device).set_device(device)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (torchrun.local_world if torchrun else spec.world)))
+    if device.type == "cpu":
+        platform.use_cpu_share(torchrun.local_rank if torchrun else rank,
+                               torchrun.local_world if torchrun else spec.world)
     code, joined = 0, False
     try:
         collectives.init(layout, device, init_method, spec.config.dist_timeout_s)

@@ -1,10 +1,12 @@
 """Which implementation each op takes, decided per device type in this one place.
 
-cpu: the torch twins. cuda: the Triton kernels (ops without one run their twin). npu: torch_npu fused ops
-where they exist, each a SelfChecked wrapper that proves itself against the twin on its first real call (per
-kind of call) and otherwise hands over to the portable path, the same Triton kernels through triton-ascend.
-GLM45V_KERNELS=torch|triton overrides the portable choice (triton on a CPU needs TRITON_INTERPRET=1; tests use
-it).
+cpu: the native CPU kernels (kernels/cpu.py: decode-size matmuls, routed experts and decode attention, built on
+first use) where they exist, each a SelfChecked wrapper proven against its twin on its first real call of each
+kind; the torch twins for everything else. cuda: the Triton kernels (ops without one run their twin). npu:
+torch_npu fused ops where they exist, each a SelfChecked wrapper that proves itself against the twin on its first
+real call (per kind of call) and otherwise hands over to the portable path, the same Triton kernels through
+triton-ascend. GLM45V_KERNELS=torch|triton|native overrides the portable choice (torch: the twins only; triton on
+a CPU needs TRITON_INTERPRET=1; tests use both).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import npu_ops
+from . import cpu, npu_ops
 from .fused_moe import fused_moe_torch
 from .kv_cache import store_kv_torch
 from .paged_attention import paged_attention_torch
@@ -38,6 +40,7 @@ TWINS: dict[str, Callable] = {
     "add_rms_norm": add_rms_norm_torch,
     "apply_rope": apply_rope,
     "quant_linear": quant_linear_torch,
+    "linear": cpu.linear_twin,
 }
 OPS = tuple(TWINS)
 
@@ -104,22 +107,27 @@ IN_PLACE_CHECK: dict[str, Callable[..., bool]] = {"store_kv": _stored}
 
 
 def backend(kind: str) -> str:
-    """torch or triton for a device type (cpu, cuda, npu), unless GLM45V_KERNELS says otherwise."""
+    """native, torch or triton for a device type (cpu, cuda, npu), unless GLM45V_KERNELS says otherwise."""
     forced = os.environ.get("GLM45V_KERNELS")
     if forced:
-        if forced not in ("torch", "triton"):
-            raise ValueError(f"GLM45V_KERNELS={forced}: expected torch or triton")
+        if forced not in ("torch", "triton", "native"):
+            raise ValueError(f"GLM45V_KERNELS={forced}: expected torch, triton or native")
         return forced
-    return "torch" if kind == "cpu" else "triton"
+    return "native" if kind == "cpu" else "triton"
 
 
 _cache: dict[tuple[str, str], Callable] = {}
 
 
 def portable(op: str, device: torch.device) -> Callable:
-    """The op on this device without vendor libraries: its Triton kernel on a Triton backend, else its twin."""
-    if backend(device.type) == "triton" and op in TRITON_OPS:
+    """The op on this device without vendor libraries: its Triton kernel on a Triton backend, the CPU's native
+    kernel (self-checked) on a CPU, else its twin."""
+    chosen = backend(device.type)
+    if chosen == "triton" and op in TRITON_OPS:
         return _triton_impls()[op]
+    if chosen == "native" and device.type == "cpu" and op in cpu.OPS and cpu.available():
+        return SelfChecked(op, cpu.OPS[op], TWINS[op], TWINS[op], cpu.CHECK_KIND[op], source="native CPU kernel",
+                           agree=agree_rows)
     return TWINS[op]
 
 
@@ -160,6 +168,8 @@ def describe_all() -> dict[str, dict[str, str]]:
 def _path(op: str, kind: str) -> str:
     triton = backend(kind) == "triton" and op in TRITON_OPS
     name = "triton" if triton else "torch twin"
+    if kind == "cpu" and backend(kind) == "native" and op in cpu.OPS:
+        name = "native (decode sizes), else torch twin"
     if kind == "npu":
         name = "triton-ascend" if triton else name
         if op in NPU_OPS:
@@ -175,9 +185,10 @@ class SelfChecked:
     should have written) instead, and redone by the fallback when wrong."""
 
     def __init__(self, name: str, fast: Callable, fallback: Callable, twin: Callable, kind: Callable[..., Any],
-                 written: Callable[..., bool] | None = None):
+                 written: Callable[..., bool] | None = None, source: str = "torch_npu",
+                 agree: Callable[[Any, Any], bool] | None = None):
         self.name, self.fast, self.fallback, self.twin, self.kind = name, fast, fallback, twin, kind
-        self.written = written
+        self.written, self.source, self.agree = written, source, agree or _agree
         self.checked: set = set()
         self.failed = False
 
@@ -187,7 +198,7 @@ class SelfChecked:
 
     def _give_up(self, why: str) -> None:
         self.failed = True
-        log.warning("%s: torch_npu %s; using the portable path", self.name, why)
+        log.warning("%s: %s %s; using the portable path", self.name, self.source, why)
 
     def __call__(self, *args, **kwargs):
         key = None if self.failed else self.kind(*args, **kwargs)
@@ -202,7 +213,7 @@ class SelfChecked:
         want = None if self.written else self.twin(*args, **kwargs)
         try:
             got = self.fast(*args, **kwargs)
-            ok = self.written(*args, **kwargs) if self.written else _agree(got, want)
+            ok = self.written(*args, **kwargs) if self.written else self.agree(got, want)
         except Exception as e:  # any failure of the vendor op means: do not use it
             self._give_up(f"op failed its self-check ({type(e).__name__}: {e})")
             ok, got = None, None
@@ -229,3 +240,17 @@ def _agree(got: Any, want: Any) -> bool:
         elif not torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2):
             return False
     return True
+
+
+def agree_rows(got: Any, want: Any) -> bool:
+    """Row by row within 2% in L2 norm, and finite where the twin is: the native CPU kernels sum in another
+    order than the twins, so an 8-bit activation quantized from their sums can land one step away now and then
+    (one element off by a few percent), while a wrong kernel is off everywhere."""
+    if not (torch.is_tensor(got) and torch.is_tensor(want)) or got.shape != want.shape:
+        return False
+    g = got.double().reshape(-1, got.shape[-1]) if got.dim() else got.double().reshape(1, 1)
+    w = want.double().reshape(-1, want.shape[-1]) if want.dim() else want.double().reshape(1, 1)
+    if not torch.equal(torch.isfinite(g), torch.isfinite(w)):
+        return False
+    g, w = g.nan_to_num(), w.nan_to_num()
+    return bool(((g - w).norm(dim=-1) <= 2e-2 * w.norm(dim=-1) + 1e-6 * w.shape[-1] ** 0.5).all())

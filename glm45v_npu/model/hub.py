@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import Glm45vError
+from ..platform import cache_dir
 from .hf_config import builtin_config
 
 TINY_RANDOM = "tiny-random"
 _TINY_VERSION = "v4"  # bump when the tiny model changes, so stale caches are not reused
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GLM45V_CACHE") or Path.home() / ".cache" / "glm45v-npu")
 
 
 def tiny_random_path() -> Path:
