@@ -11,6 +11,14 @@ from .errors import FieldError
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_LOGPROBS = 20
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# What a structured-output request may ask for, counted before anything validates or compiles it (README:
+# "Limits"): past these, schema validation, grammar compilation or the per-token mask take seconds of CPU and
+# grow memory by gigabytes, for one request.
+MAX_SCHEMA_NODES = 10_000  # values in a JSON schema (objects, arrays, strings, numbers)
+MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in a JSON schema
+MAX_CHOICES = 1_024  # guided_choice alternatives
+MAX_GRAMMAR_CHARS = 64 * 1024  # characters of a regex, an EBNF grammar, or all choices together
+MAX_REGEX_EXPANSION = 4_096  # counted repetitions a regex unrolls to (a{1,100} counts 100; nested ones multiply)
 
 
 @dataclass
@@ -49,6 +57,7 @@ class StructuredOutputsParams:
                  "grammar": "a non-empty EBNF string", "choice": "a non-empty list of non-empty strings"}
         if not checks[self.kind](getattr(self, self.kind)):
             raise FieldError("", self.origin, getattr(self, self.kind), f"expected {wants[self.kind]}")
+        _check_size(self.kind, getattr(self, self.kind), self.origin)
         for name in ("disable_any_whitespace", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise FieldError("", f"structured_outputs.{name}", getattr(self, name), "expected true or false")
@@ -59,6 +68,78 @@ class StructuredOutputsParams:
     def value(self):
         """What the grammar is built from: the schema ({"type": "object"} for json_object), regex, choices or EBNF."""
         return {"type": "object"} if self.kind == "json_object" else getattr(self, self.kind)
+
+
+def _check_size(kind: str, value, origin: str) -> None:
+    """The documented bounds, counted without recursion (a deep schema must not overflow the stack first)."""
+    if kind == "json":
+        nodes, stack = 0, [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            nodes += 1
+            if nodes > MAX_SCHEMA_NODES:
+                raise FieldError("", origin, "(schema)", f"has more than {MAX_SCHEMA_NODES} values (the limit)")
+            if depth > MAX_SCHEMA_DEPTH:
+                raise FieldError("", origin, "(schema)", f"nests deeper than {MAX_SCHEMA_DEPTH} levels (the limit)")
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((child, depth + 1) for child in children)
+            if isinstance(node, dict):
+                nodes += len(node)  # the keys
+    elif kind == "choice":
+        if len(value) > MAX_CHOICES:
+            raise FieldError("", origin, f"({len(value)} choices)", f"has more than {MAX_CHOICES} choices (the limit)")
+        if sum(len(c) for c in value) > MAX_GRAMMAR_CHARS:
+            raise FieldError("", origin, "(choices)", f"are longer than {MAX_GRAMMAR_CHARS} characters in all "
+                             "(the limit)")
+    elif kind in ("regex", "grammar"):
+        if len(value) > MAX_GRAMMAR_CHARS:
+            raise FieldError("", origin, value[:80], f"is longer than {MAX_GRAMMAR_CHARS} characters (the limit)")
+        if kind == "regex" and regex_expansion(value) > MAX_REGEX_EXPANSION:
+            raise FieldError("", origin, value[:80], f"unrolls to more than {MAX_REGEX_EXPANSION} repetitions "
+                             "(counted repetitions such as {1,100} multiply when nested; the limit)")
+
+
+def regex_expansion(pattern: str) -> int:
+    """How far a regex's counted repetitions unroll: each {m,n} multiplies what it repeats by n, a group adds up
+    its parts. ([a-z]{1,100}){1,100} unrolls to 10,000; [a-z]{1,64}@[a-z]{1,255} to 319. An estimate: what it
+    bounds is the grammar the regex becomes, whose size sets compile time and the per-token mask's work."""
+    stack: list[list[int]] = [[]]  # per open group: the cost of each item so far
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            stack[-1].append(1)
+            i += 2
+            continue
+        if ch == "[":  # a class is one item; find its end (escapes and a leading ] included)
+            j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+            j += pattern[j : j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            stack[-1].append(1)
+            i = j + 1
+            continue
+        if ch == "(":
+            stack.append([])
+        elif ch == ")" and len(stack) > 1:
+            inner = stack.pop()
+            stack[-1].append(max(1, sum(inner)))
+        elif ch == "{" and stack[-1]:
+            j = pattern.find("}", i)
+            bounds = pattern[i + 1 : j].split(",") if j > i else []
+            if 1 <= len(bounds) <= 2 and all(b.strip().isdigit() or b.strip() == "" for b in bounds):
+                top = bounds[-1].strip() or bounds[0].strip() or "1"
+                stack[-1][-1] *= max(1, int(top[:9]))
+                i = j + 1
+                continue
+            stack[-1].append(1)
+        elif ch not in "|*+?^$":
+            stack[-1].append(1)
+        i += 1
+    while len(stack) > 1:
+        inner = stack.pop()
+        stack[-1].append(sum(inner))
+    return sum(stack[0])
 
 
 def _check_schema(schema: dict, origin: str) -> None:

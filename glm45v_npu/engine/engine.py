@@ -16,6 +16,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 
 from .. import platform
 from ..errors import FieldError, Glm45vError
+from ..inputs.messages import text_bytes
 from ..inputs.processor import EncodedPrompt, generation_defaults
 from ..outputs import Logprob, RequestMetrics, RequestOutput
 from ..parallel.cluster import Cluster
@@ -77,11 +79,13 @@ class Engine:
             raise Glm45vError(f"{ready.path / 'generation_config.json'}: {e.field}={e.value!r}: {e.why}") from None
         self.cluster = Cluster(ready.layout, self.device, ready.torchrun is not None, config.dist_timeout_s,
                                worker_main, spec)
-        self._threads_before = None
+        self._restore_threads = None
         if self.device.type == "cpu":  # after the followers started: they take their shares of the same cores
             run = ready.torchrun
-            self._threads_before = platform.use_cpu_share(run.local_rank if run else 0,
-                                                          run.local_world if run else spec.world, pin=run is not None)
+            before = platform.use_cpu_share(run.local_rank if run else 0, run.local_world if run else spec.world,
+                                            pin=run is not None)
+            # the caller's thread count comes back when the engine is closed, or dropped
+            self._restore_threads = weakref.finalize(self, torch.set_num_threads, before)
         with self.cluster.collective():
             _, self.runner, num_blocks, per_block = build_rank(spec, ready.layout, self.device, progress=True)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -117,6 +121,10 @@ class Engine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise FieldError("", "stop_token_ids", bad[0], f"outside the vocabulary (0..{vocab - 1})")
+        size, where = text_bytes(request)  # a text that cannot fit is refused before it is tokenized
+        if size > self.max_model_len * self.processor.max_token_bytes:
+            raise FieldError("", where, f"{size} bytes of text", f"is at least {size // self.processor.max_token_bytes}"
+                             f" tokens, over the model's context of {self.max_model_len}")
         enc = self.processor.encode(request, enable_thinking)
         if params.structured_outputs is not None:
             enc.grammar = self.grammars.prepare(params.structured_outputs, enc.token_ids)
@@ -205,9 +213,8 @@ class Engine:
 
     def close(self) -> None:
         self.cluster.close()
-        if self._threads_before is not None:  # the caller's process gets its thread count back
-            torch.set_num_threads(self._threads_before)
-            self._threads_before = None
+        if self._restore_threads is not None:
+            self._restore_threads()
 
     # --- one step -----------------------------------------------------------------------------------------
 
@@ -350,7 +357,7 @@ class Engine:
             reason = "length"
         if seq.grammar is not None and reason is None:
             if not seq.grammar.advance(seq.output_ids):
-                req.error = f"structured output: token {token} is outside the grammar"
+                req.error = seq.grammar.error or f"structured output: token {token} is outside the grammar"
                 reason = "abort"
             elif seq.grammar.terminated:  # complete: its stop token was taken (also with ignore_eos)
                 reason = "stop"

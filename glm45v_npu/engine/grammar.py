@@ -14,7 +14,9 @@ model's `</think>`: the reasoning is free, the answer follows the grammar (as vL
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,12 @@ _RULES = (f'\n{_PLAIN} ::= [ !#-\\[\\]-\\ud7ff\\ue000-\\U0010ffff]'
 # the character classes xgrammar writes for string characters: free strings (escapes beside them) and length-bound
 # strings (no escapes at all)
 _FREE_CLASS, _BOUND_CLASS = '[^\\0-\\x1f\\"\\\\\\r\\n]', '[^\\"\\\\\\r\\n]'
-_CACHE_SIZE = 256
+# Bounds (README: "Limits"): compiled grammars are kept up to this many bytes in all (least recently used go
+# first), one grammar may take at most a quarter of it, and a row's mask may take this long on one step before
+# its request ends with an error (a grammar the size checks let through can still be ambiguous enough to cost
+# seconds per token; every other stream waits for the step).
+CACHE_BYTES = 256 * 2**20
+MASK_BUDGET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,10 @@ class GrammarState:
         self.begin: int | None = None if grammar.waits_for_reasoning else 0
         self.accepted = 0
         self.failed = False
+        self.error: str | None = None  # why it failed, when not for a token outside the grammar
+
+    def fail(self, why: str) -> None:
+        self.failed, self.error = True, why
 
     @property
     def active(self) -> bool:
@@ -65,7 +76,10 @@ class GrammarState:
         return self.matcher.is_terminated()
 
     def advance(self, output_ids: list[int]) -> bool:
-        """Feed the output tokens the matcher has not seen; False when one is not allowed (the sequence must end)."""
+        """Feed the output tokens the matcher has not seen; False when one is not allowed or the grammar failed
+        (the sequence must end)."""
+        if self.error is not None:
+            return False
         if self.begin is None:
             if self.reasoning_end not in output_ids:
                 return True
@@ -101,6 +115,7 @@ class Grammars:
         self.reasoning_end = _token_id(tokenizer, "</think>")
         self.assistant = _token_id(tokenizer, "<|assistant|>")
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     def prepare(self, spec: StructuredOutputsParams, prompt_ids: list[int]) -> Grammar:
@@ -112,11 +127,22 @@ class Grammars:
                 self._cache.move_to_end(key)
         if compiled is None:
             compiled = self._compile(spec)
+            size = compiled.memory_size_bytes
+            if size > CACHE_BYTES // 4:
+                raise FieldError("", spec.origin, _short(spec.value), f"compiles to {size / 2**20:.0f} MiB, over "
+                                 f"the {CACHE_BYTES // 4 // 2**20} MiB a grammar may take (the limit)")
             with self._lock:
-                self._cache[key] = compiled
-                while len(self._cache) > _CACHE_SIZE:
-                    self._cache.popitem(last=False)
+                if key not in self._cache:
+                    self._cache[key] = compiled
+                    self._cache_bytes += size
+                while self._cache_bytes > CACHE_BYTES:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.memory_size_bytes
         return Grammar(compiled, self._waits(prompt_ids))
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cache_bytes
 
     def _waits(self, prompt_ids: list[int]) -> bool:
         if self.reasoning_end is None or self.assistant not in prompt_ids:
@@ -154,7 +180,14 @@ class Grammars:
             return None
         bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)
         for i in rows:
+            start = time.perf_counter()
             states[i].matcher.fill_next_token_bitmask(bitmask, i)
+            took = time.perf_counter() - start
+            if took > MASK_BUDGET_S:  # this row is free this step; its request ends when its token comes back
+                bitmask[i] = -1
+                states[i].fail(f"structured output: the grammar took {took * 1e3:.0f} ms to find the allowed "
+                               f"tokens for one step (the limit is {MASK_BUDGET_S * 1e3:.0f} ms; a simpler "
+                               "grammar or schema avoids it)")
         return bitmask
 
 
@@ -187,8 +220,14 @@ def _token_id(tokenizer, token: str) -> int | None:
     return tokenizer.get_added_vocab().get(token)
 
 
+# xgrammar's C++ checks prefix their message with a timestamp, its source path and line, and "Check failed:"
+_CPP_PREFIX = re.compile(r"^(\[[\d:]+\]\s*)?(\S+\.(cc|h|cpp):\d+:\s*)?(Check failed:\s*(.*?\)\s*is false:)?\s*)?")
+
+
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    """The library's first line of complaint, without its C++ source location: what the client may read."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (_CPP_PREFIX.sub("", line).strip() or "the grammar library refused it")[:300]
 
 
 def _short(value: Any) -> str:

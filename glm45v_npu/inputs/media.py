@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import io
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import Glm45vError
+
+
+# Set by whoever encodes a request for a client that may leave (the server): long media work checks it between
+# frames and stops, so no CPU goes on for a request nobody waits for, and a shutdown is not held up by it.
+CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("glm45v_cancel", default=None)
+
+
+def check_cancelled(name: str) -> None:
+    event = CANCEL.get()
+    if event is not None and event.is_set():
+        raise Glm45vError(f"{name}: not finished, the request was cancelled (its client left or the server stops)")
 
 
 def describe_media(source: Any, index: int, kind: str = "image") -> str:

@@ -34,6 +34,32 @@ def request_media(request: dict) -> tuple[list, list]:
     return listed(images), listed(videos)
 
 
+def text_bytes(request: Any) -> tuple[int, str]:
+    """The UTF-8 bytes of a request's text (prompt, message text, reasoning, tool calls and tools; not its media),
+    and the field that holds most of it: counted before anything is tokenized, to refuse what cannot fit."""
+    if isinstance(request, str):
+        return len(request.encode("utf-8", "replace")), "prompt"
+    if not isinstance(request, dict):
+        return 0, "request"
+    if isinstance(request.get("prompt"), str):
+        return len(request["prompt"].encode("utf-8", "replace")), "prompt"
+    tools = request.get("tools")
+    tool_bytes = len(json.dumps(tools, default=str).encode()) if tools else 0
+    total = tool_bytes
+    for m in request.get("messages") or []:
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text") for p in content or []
+                                                             if isinstance(p, dict)] if isinstance(content, list) else []
+        for text in [*parts, m.get("reasoning_content")]:
+            if isinstance(text, str):
+                total += len(text.encode("utf-8", "replace"))
+        if m.get("tool_calls") is not None:
+            total += len(json.dumps(m["tool_calls"], default=str).encode())
+    return total, "tools" if 2 * tool_bytes > total else "messages"
+
+
 def split_media(messages: Any) -> tuple[list, list, list]:
     """OpenAI-style messages -> messages with bare media parts (for the template), the images and the videos."""
     if not isinstance(messages, list) or not messages:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,22 @@ class Processor:
             return 0
         return int(self.image_processor.size.longest_edge) // self.image_processor.patch_size**2
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most text one token stands for (UTF-8 bytes of the longest vocabulary entry, added tokens aside:
+        a client's text never becomes one): a text of B bytes is at least B / this many tokens."""
+        if self.tokenizer is None:
+            return 1
+        added = set(self.tokenizer.get_added_vocab())
+        return max((len(t.encode("utf-8", "replace")) for t in self.tokenizer.get_vocab() if t not in added),
+                   default=1)
+
     def warm(self) -> None:
         """Import the image decoders and compile the chat template now: a server's first chat otherwise pays for
         both (about 70 ms holding the GIL) while other requests stream."""
         load_decoders()
         if self.tokenizer is not None:
+            self.max_token_bytes  # noqa: B018  the vocabulary scan, once, before any request waits on it
             try:
                 self.encode({"messages": [{"role": "user", "content": "hi"}]})
             except Glm45vError:  # no chat template: prompts only, nothing to compile

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from ..errors import Glm45vError
-from .media import data_uri_bytes
+from .media import check_cancelled, data_uri_bytes
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpeg", ".mpg", ".flv", ".wmv", ".ts"}
-MAX_FRAME_PIXELS = 8192 * 8192  # a larger frame is refused before anything is decoded
+MAX_FRAME_PIXELS = 8192 * 8192  # a larger frame is refused, from the header and again at every decoded frame
+MAX_FRAMES = 100_000  # frames in one video (the header's count, or counted while decoding where it has none)
 
 
 @dataclass
@@ -142,8 +143,8 @@ def read_video(source: Any, cfg: VideoConfig, name: str) -> Video:
         container = av.open(stream_source)
     except FileNotFoundError:
         raise Glm45vError(f"{name}: no such file") from None
-    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise Glm45vError(f"{name}: cannot be read as a video ({e})") from None
+    except Exception as e:  # the demuxer's own error types, or OS errors for this file
+        raise Glm45vError(f"{name}: cannot be read as a video ({type(e).__name__}: {e})") from None
     with container:
         if not container.streams.video:
             raise Glm45vError(f"{name}: has no video stream")
@@ -157,6 +158,8 @@ def read_video(source: Any, cfg: VideoConfig, name: str) -> Video:
             raise Glm45vError(f"{name}: {width}x{height} frames are larger than {MAX_FRAME_PIXELS} pixels")
         fps = float(stream.average_rate or 0) or None
         total = stream.frames or _count_frames(container, name)
+        if total > MAX_FRAMES:
+            raise Glm45vError(f"{name}: {total} frames, more than {MAX_FRAMES} (the limit)")
         if total < 1 or fps is None:
             raise Glm45vError(f"{name}: no decodable frames (or no frame rate)")
         metadata = VideoMetadata(total_num_frames=int(total), fps=fps, duration=total / fps, video_backend="pyav",
@@ -172,16 +175,20 @@ def read_video(source: Any, cfg: VideoConfig, name: str) -> Video:
         for slot, i in enumerate(indices):  # an index may appear twice (the last one, to make the count even)
             wanted.setdefault(i, slot)
         frames: list[np.ndarray | None] = [None] * len(indices)
-        container.seek(0)
         try:
+            container.seek(0)
             for i, frame in enumerate(container.decode(video=0)):
+                check_cancelled(name)
+                _check_frame(frame, name, i)  # a stream may change its size mid-way
                 if i > indices[-1]:
                     break
                 if i in wanted:
                     image = frame.to_image().convert("RGB").resize((w, h), Image.BICUBIC)
                     frames[wanted[i]] = np.asarray(image)
-        except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-            raise Glm45vError(f"{name}: decoding failed ({e})") from None
+        except Glm45vError:
+            raise
+        except Exception as e:  # whatever the demuxer or decoder raises for this file is this file's fault
+            raise Glm45vError(f"{name}: decoding failed ({type(e).__name__}: {e})") from None
     for slot, i in enumerate(indices):
         if frames[slot] is None:
             first = wanted.get(i)
@@ -229,10 +236,25 @@ def _count_frames(container, name: str) -> int:
     """Containers that do not record a frame count: count by decoding once."""
     import av
 
+    count = 0
     try:
-        return sum(1 for _ in container.decode(video=0))
-    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise Glm45vError(f"{name}: decoding failed ({e})") from None
+        for frame in container.decode(video=0):
+            check_cancelled(name)
+            _check_frame(frame, name, count)
+            count += 1
+            if count > MAX_FRAMES:
+                raise Glm45vError(f"{name}: more than {MAX_FRAMES} frames (the limit)")
+    except Glm45vError:
+        raise
+    except Exception as e:  # whatever the demuxer or decoder raises for this file is this file's fault
+        raise Glm45vError(f"{name}: decoding failed ({type(e).__name__}: {e})") from None
+    return count
+
+
+def _check_frame(frame, name: str, index: int) -> None:
+    if frame.width * frame.height > MAX_FRAME_PIXELS:
+        raise Glm45vError(f"{name}: frame {index} is {frame.width}x{frame.height}, larger than {MAX_FRAME_PIXELS} "
+                          "pixels (the limit; checked on every frame, as a stream may change size)")
 
 
 def check_video(path: str) -> None:

@@ -139,6 +139,13 @@ inline float hsum(f32v v) {
 // work per byte (widening 8-bit weights), so each row is also prefetched this far ahead.
 constexpr int64_t AHEAD = 1024;
 inline void prefetch(const uint8_t* p) { __builtin_prefetch(p + AHEAD, 0, 3); }
+inline void ahead(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
+
+// Rows of a block are read side by side and the next blocks follow them in memory: each row prefetches the same
+// columns of the row this many rows on (one block, more for short rows), at least 8 KiB ahead.
+inline int64_t rows_ahead(int64_t row_bytes, int rb) {
+  return rb * std::max<int64_t>(1, (8192 + rb * row_bytes - 1) / (rb * row_bytes));
+}
 
 // --- the problem ---------------------------------------------------------------------------------------------
 // Rows [n0, n1) of out[m, n] = sum_g ws[n, g] xs[m, g] sum_{k in g} x[m, k] w[n, k] (+ bias[n]) for all m < M.
@@ -167,7 +174,7 @@ inline float xscale(const Problem& p, int64_t m, int64_t g) { return p.xs ? p.xs
 template <int T, int RB, int MB>
 void block(const Problem& p, int64_t n, int64_t m0) {
   constexpr int B = bytes_of<T>();
-  const int64_t K = p.K, group = p.group;
+  const int64_t K = p.K, group = p.group, far = rows_ahead(K * B, RB);
   f32v total[RB][MB] = {};
   float tail[RB][MB] = {};
   for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
@@ -178,7 +185,7 @@ void block(const Problem& p, int64_t n, int64_t m0) {
     for (; k + L <= g1; k += L) {
       f32v wv[RB];
       if (k % (64 / B) == 0)
-        for (int r = 0; r < RB; ++r) prefetch(p.w + ((n + r) * K + k) * B);
+        for (int r = 0; r < RB; ++r) ahead(p.w + ((n + far + r) * K + k) * B);
       for (int r = 0; r < RB; ++r) wv[r] = widen16<T>(p.w + ((n + r) * K + k) * B);
       for (int m = 0; m < MB; ++m) {
         f32v xv = loadv<f32v>(p.x + (m0 + m) * K + k);
@@ -322,7 +329,7 @@ inline uint16_t bf16_bits(const uint8_t* p) {  // one weight as bf16 (tails)
 template <int T, int RB, int MB>
 void block_dot(const Problem& p, int64_t n, int64_t m0) {
   constexpr int B = bytes_of<T>();
-  const int64_t K = p.K;
+  const int64_t K = p.K, far = rows_ahead(K * B, RB);
   __m512 total[RB][MB];
   float tail[RB][MB] = {};
   for (int r = 0; r < RB; ++r)
@@ -337,7 +344,7 @@ void block_dot(const Problem& p, int64_t n, int64_t m0) {
     if constexpr (T == FP8)
       for (; k + 64 <= g1; k += 64) {  // activations shuffled to match (shuffle64)
         __m512i wa[RB], wb[RB];
-        for (int r = 0; r < RB; ++r) prefetch(p.w + (n + r) * K + k);
+        for (int r = 0; r < RB; ++r) ahead(p.w + (n + far + r) * K + k);
         for (int r = 0; r < RB; ++r) fp8x64_to_bf16(p.w + (n + r) * K + k, wa[r], wb[r]);
         for (int m = 0; m < MB; ++m) {
           const __m512bh xa = (__m512bh)_mm512_loadu_si512(p.xb + (m0 + m) * K + k);
@@ -348,7 +355,7 @@ void block_dot(const Problem& p, int64_t n, int64_t m0) {
       }
     for (; k + 32 <= g1; k += 32) {
       __m512bh wv[RB];
-      for (int r = 0; r < RB; ++r) prefetch(p.w + ((n + r) * K + k) * B);
+      for (int r = 0; r < RB; ++r) ahead(p.w + ((n + far + r) * K + k) * B);
       for (int r = 0; r < RB; ++r) wv[r] = (__m512bh)bf16x32<T>(p.w + ((n + r) * K + k) * B);
       for (int m = 0; m < MB; ++m) {
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(p.xb + (m0 + m) * K + k);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import gc
 import multiprocessing
 import os
 import signal
@@ -162,6 +163,8 @@ class Cluster:
         self._idle = threading.Event()  # set: stop the keep-alive thread
         if self.world == 1:
             return
+        if collectives.initialized():  # a dropped LLM whose cycle the collector has not reached yet: end it now
+            gc.collect()
         init_method = "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}"
         if torchrun and layout.rank > 0:  # torchrun started this process as a follower: serve, then exit
             worker(layout.rank, spec, init_method)
@@ -180,7 +183,9 @@ class Cluster:
             collectives.init(layout, device, init_method, timeout_s)
             register(0, Torchrun.from_env().node if torchrun else 0)
         self.keepalive_s = max(0.5, min(5.0, timeout_s / 4))
-        threading.Thread(target=self._keep_alive, name="glm45v-keepalive", daemon=True).start()
+        # the thread holds the cluster weakly: a dropped LLM is collected (and its finalizer ends the ranks)
+        threading.Thread(target=_keep_alive, args=(weakref.ref(self), self._idle, self.keepalive_s),
+                         name="glm45v-keepalive", daemon=True).start()
 
     @contextmanager
     def collective(self) -> Iterator[None]:
@@ -207,21 +212,19 @@ class Cluster:
             collectives.broadcast(command)
             self._last_send = time.monotonic()
 
-    def _keep_alive(self) -> None:
-        """While rank 0 is idle (a server between requests, a chat waiting for its user), followers wait in a
-        broadcast that would time out after dist_timeout_s: a no-op command every few seconds keeps them, and
-        finds a dead rank before the next request does."""
-        while not self._idle.wait(self.keepalive_s / 2):
-            if self.broken or time.monotonic() - self._last_send < self.keepalive_s:
-                continue
-            if self._lock.acquire(blocking=False):
-                try:
-                    with self.collective():
-                        self.send(KEEP_ALIVE)
-                except Glm45vError:
-                    return
-                finally:
-                    self._lock.release()
+    def keep_alive(self) -> bool:
+        """One no-op command if nothing was sent for a while; False once the group is broken."""
+        if self.broken:
+            return False
+        if time.monotonic() - self._last_send >= self.keepalive_s and self._lock.acquire(blocking=False):
+            try:
+                with self.collective():
+                    self.send(KEEP_ALIVE)
+            except Glm45vError:
+                return False
+            finally:
+                self._lock.release()
+        return True
 
     def fail(self, error: Exception) -> NoReturn:
         """A collective failed: name the rank that died (if one did) instead of a raw backend error. Spawned
@@ -259,6 +262,17 @@ class Cluster:
         with self._lock:
             if self._finalizer is not None and self.broken is None:
                 self._finalizer()
+
+
+def _keep_alive(ref: weakref.ref, idle: threading.Event, every_s: float) -> None:
+    """While rank 0 is idle (a server between requests, a chat waiting for its user), followers wait in a
+    broadcast that would time out after dist_timeout_s: a no-op command every few seconds keeps them, and finds a
+    dead rank before the next request does. Ends with the cluster (closed, broken or collected)."""
+    while not idle.wait(every_s / 2):
+        cluster = ref()
+        if cluster is None or not cluster.keep_alive():
+            return
+        del cluster
 
 
 def _shutdown(workers: list, lock: threading.RLock, idle: threading.Event) -> None:

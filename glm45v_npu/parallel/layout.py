@@ -61,6 +61,10 @@ def init(layout: Layout, device: torch.device, init_method: str, timeout_s: floa
     _control = dist.new_group(backend="gloo", timeout=timeout) if backend_for(device) != "gloo" else None
 
 
+def initialized() -> bool:
+    return dist.is_initialized()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ are refused with 503 and /health says so.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import queue
@@ -21,8 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Glm45vError
+from ..inputs.media import CANCEL
 
 log = logging.getLogger("glm45v_npu")
+
+
+# Outputs a request may have waiting for its client (README: "Limits"): one that reads nothing (a stream left
+# open and unread) is ended past this, so it holds neither memory nor a running slot.
+MAX_QUEUED_OUTPUTS = 512
 
 
 class Overloaded(Exception):
@@ -51,7 +58,11 @@ class EngineLoop:
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.pool = ThreadPoolExecutor(max_workers=media_workers or min(4, os.cpu_count() or 1),
                                        thread_name_prefix="glm45v-media")
+        # requests without media have a lane of their own: they never queue behind other requests' images
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm45v-text")
         self.preparing = 0  # requests being encoded in the pool (read and written on the event loop)
+        self.encoding: set[threading.Event] = set()  # their cancel events: a stop sets them all
+        self.dropped: set[str] = set()  # requests ended because their client stopped reading
         self.waiting = 0  # requests accepted and not yet running (a snapshot the handlers read)
         self.running = 0
         self.broken: str | None = None
@@ -65,9 +76,12 @@ class EngineLoop:
     def stop(self) -> None:
         """Abort whatever is left and end the thread."""
         self._stop.set()
+        for cancel in list(self.encoding):  # media work in the pool stops at its next frame
+            cancel.set()
         self.commands.put(None)
         self.thread.join(timeout=60)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.text_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def healthy(self) -> bool:
@@ -75,22 +89,29 @@ class EngineLoop:
 
     # --- called from the event loop ------------------------------------------------------------------------
 
-    async def submit(self, request: Any, params: Any, enable_thinking: bool | None = None
-                     ) -> tuple[str, asyncio.Queue]:
+    async def submit(self, request: Any, params: Any, enable_thinking: bool | None = None,
+                     cancel: threading.Event | None = None) -> tuple[str, asyncio.Queue]:
         """Encode the request in the media pool, then queue it on the engine thread. Glm45vError: the request is
-        at fault; Overloaded and Unavailable: the server is."""
+        at fault (or was cancelled: `cancel` set, or the server stopping, ends its media work between frames);
+        Overloaded and Unavailable: the server is."""
         if self.broken is not None:
             raise Unavailable(self.broken)
         if self.max_waiting is not None and self.waiting + self.preparing >= self.max_waiting:
             raise Overloaded(f"{self.waiting + self.preparing} requests are waiting (--max-waiting "
                              f"{self.max_waiting})")
         loop = asyncio.get_running_loop()
+        cancel = cancel or threading.Event()
+        self.encoding.add(cancel)
         self.preparing += 1
         try:
-            encoded = await loop.run_in_executor(self.pool, self.llm.engine.encode, request, params,
+            context = contextvars.copy_context()
+            context.run(CANCEL.set, cancel)
+            pool = self.pool if has_media(request) else self.text_pool
+            encoded = await loop.run_in_executor(pool, context.run, self.llm.engine.encode, request, params,
                                                  enable_thinking)
         finally:
             self.preparing -= 1
+            self.encoding.discard(cancel)
         cmd = _Add(encoded, params, loop, loop.create_future())
         self.commands.put(cmd)
         rid = await cmd.future
@@ -109,6 +130,10 @@ class EngineLoop:
         target = self.queues.get(request_id)
         if target is not None:
             loop, q = target
+            if q.qsize() > MAX_QUEUED_OUTPUTS and request_id not in self.dropped:  # its client does not read
+                self.dropped.add(request_id)
+                self.llm.engine.abort(request_id, error=f"the client read none of its last {MAX_QUEUED_OUTPUTS} "
+                                      "outputs; the request was ended to free its slot")
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _apply(self, cmd: Any) -> None:
@@ -171,6 +196,21 @@ class EngineLoop:
             if out.finished:
                 self._deliver(out.request_id, None)
                 self.queues.pop(out.request_id, None)
+                self.dropped.discard(out.request_id)
+
+
+def has_media(request: Any) -> bool:
+    """Whether a request carries an image or a video (a content part that is not text, or media beside it)."""
+    if not isinstance(request, dict):
+        return False
+    if request.get("images") or request.get("videos") or request.get("multi_modal_data"):
+        return True
+    for m in request.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") not in ("text", None)
+                                             for p in content):
+            return True
+    return False
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None) -> None:

@@ -1,17 +1,20 @@
 """In front of every request, as pure ASGI middleware (Starlette's BaseHTTPMiddleware hides a client's disconnect
 from the app, so a request whose client left would run on): the API key, JSON bodies only on POST (a form post
-from a browser page cannot reach the API), and the body size counted as it arrives, stopping at the limit, so a
-chunked body is never buffered past it. A client that leaves mid-body is not an error."""
+from a browser page cannot reach the API), the body size counted as it arrives, stopping at the limit, so a
+chunked body is never read past it, and a write timeout: a client that reads nothing of its response for
+write_timeout_s is dropped (its request aborted, its connection closed). A client that leaves mid-body is not an
+error."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .http import error_response
+from .http import ONCE, error_response
 from .metrics import Metrics
 from .state import ServeConfig
 
@@ -41,7 +44,23 @@ class Guard:
             self.metrics.rejected(status)
             headers = {"Connection": "close"} if status == 413 else None  # what is left of that body is not read
             return await error_response(status, message, kind, code=code, headers=headers)(scope, receive, send)
-        await self.app(scope, receive, send)
+        timeout = self.config.write_timeout_s
+
+        async def send_in_time(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except asyncio.TimeoutError:
+                raise SlowClient from None
+
+        try:
+            await self.app(scope, receive, send_in_time)
+        except SlowClient:  # the stream ends (its request is aborted), and the server closes the connection
+            ONCE.log("slow client", f"a client read nothing for {timeout:.0f} s on {scope['path']}; dropped",
+                     level=logging.WARNING)
+
+
+class SlowClient(Exception):
+    """A response part waited longer than the write timeout for its client to read."""
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple | None:
         key = self.config.api_key
@@ -57,7 +76,7 @@ class Guard:
                 return 415, f"the body must be JSON (Content-Type: application/json), not {kind or 'untyped'}", \
                     "invalid_request_error", "unsupported_media_type"
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > 4 * self.config.max_body_bytes:  # not worth reading to say so
+            if length.isdigit() and int(length) > self.config.max_body_bytes:  # not worth reading to say so
                 return self._too_large()
         return None
 
@@ -66,9 +85,8 @@ class Guard:
             "body_too_large"
 
     async def _body(self, receive: Receive) -> bytes | tuple | None:
-        """The whole body, a refusal once it passes the limit, or None when the client leaves first. Past the
-        limit nothing more is kept; up to 4x the limit is read and dropped, so that a client still sending hears
-        the 413 rather than a reset connection, and then the connection is closed."""
+        """The whole body, a refusal the moment it passes the limit (nothing more is read: the 413 goes out with
+        Connection: close), or None when the client leaves first."""
         chunks, size, limit = [], 0, self.config.max_body_bytes
         while True:
             message = await receive()
@@ -76,14 +94,10 @@ class Guard:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif chunks:
-                chunks = []  # over the limit: what was kept goes
-            more = message.get("more_body", False)
-            if size > limit and (not more or size > 4 * limit):
+            if size > limit:
                 return self._too_large()
-            if not more:
+            chunks.append(chunk)
+            if not message.get("more_body", False):
                 return b"".join(chunks)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,26 @@ from .metrics import Metrics
 from .state import ServerState
 
 log = logging.getLogger("glm45v_npu")
+
+
+class Once:
+    """Errors a client can cause, logged once per kind (the first with its traceback) and then counted, with a
+    line at each power of ten: a flood of bad requests cannot fill the disk."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def log(self, kind: str, message: str, exc_info: bool = False, level: int = logging.ERROR) -> None:
+        with self._lock:
+            n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n == 1:
+            log.log(level, "%s (further ones are counted, not logged)", message, exc_info=exc_info)
+        elif n >= 10 and str(n).rstrip("0") == "1":  # 10, 100, 1000, ...
+            log.log(level, "%s: %d so far", kind, n)
+
+
+ONCE = Once()
 
 
 class ApiError(Exception):
@@ -56,7 +77,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
-        log.exception("internal error")
+        if isinstance(e, RecursionError):  # nesting in the request's content deeper than the code walking it
+            metrics.rejected(400)
+            ONCE.log("RecursionError", f"a request nested too deeply for {request.url.path}", level=logging.WARNING)
+            return error_response(400, "the request nests too deeply to be read")
+        ONCE.log(f"internal error {type(e).__name__}", f"internal error on {request.url.path}", exc_info=True)
         return error_response(500, f"internal error ({type(e).__name__})", "server_error")
 
 
@@ -120,13 +145,27 @@ def _param(loc: tuple) -> str:
     return "".join(parts)
 
 
-async def submit(state: ServerState, request: Any, params: Any) -> tuple[str, asyncio.Queue]:
+async def submit(state: ServerState, request: Any, params: Any, client: Request | None = None
+                 ) -> tuple[str, asyncio.Queue]:
+    """Encode and queue the request; while it is being encoded, a client that leaves cancels its media work."""
+    cancel = threading.Event()
+
+    async def watch():
+        while not cancel.is_set():
+            if client is not None and await client.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch())
     try:
-        return await state.engine.submit(request, params, None)
+        return await state.engine.submit(request, params, None, cancel)
     except Overloaded as e:
         raise ApiError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"}) from None
     except Unavailable as e:
         raise ApiError(503, f"the engine cannot serve: {e}", "server_error", code="unavailable") from None
+    finally:
+        watcher.cancel()
 
 
 async def final(request: Request, state: ServerState, rid: str, outputs: asyncio.Queue):

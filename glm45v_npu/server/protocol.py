@@ -13,7 +13,7 @@ from ..engine.answer import ReasoningStream
 from ..engine.tool_calls import CallDelta, PlainStream, ToolUse, check_tools
 from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
-from ..sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
+from ..sampling_params import MAX_LOGPROBS, STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 TEMPLATE_KWARGS = {"enable_thinking": bool}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 1024  # each stop string is searched for after every token
@@ -180,6 +180,8 @@ class ChatCompletionRequest(_Sampling):
     def params(self, defaults: dict, tool_use: ToolUse | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("", "top_logprobs", self.top_logprobs, "needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise FieldError("", "top_logprobs", self.top_logprobs, f"must be in 0..{MAX_LOGPROBS}")
         return self.sampling(defaults, self.max_completion_tokens or self.max_tokens,
                              (self.top_logprobs or 0) if self.logprobs else None, self.grammar(tool_use))
 
@@ -214,6 +216,28 @@ class CompletionRequest(_Sampling):
         if len(grammars) > 1:
             raise FieldError("", grammars[1].origin, "given", f"cannot be combined with {grammars[0].origin}")
         return self.sampling(defaults, self.max_tokens, self.logprobs, grammars[0] if grammars else None)
+
+
+# One request's share of the server (README: "Limits"): n of at most half the running slots, so other requests
+# keep moving; and a whole (not streamed) answer of at most this many logprob entries (n x tokens x (1 + top)),
+# built in one piece: 64 x 1000 x 21 of them made a 90 MB body that held the server for a minute.
+MAX_WHOLE_LOGPROBS = 200_000
+
+
+def check_share(params: SamplingParams, stream: bool, max_num_seqs: int, max_model_len: int,
+                top_field: str = "top_logprobs") -> None:
+    """Refuse, naming the field and the limit, what would take more than one request's share."""
+    share = max(1, max_num_seqs // 2)
+    if params.n > share:
+        raise FieldError("", "n", params.n, f"must be at most {share} here (half the server's {max_num_seqs} "
+                         "running slots, so other requests keep moving)")
+    if params.logprobs is not None and not stream:
+        tokens = min(params.max_tokens or max_model_len, max_model_len)
+        entries = params.n * tokens * (1 + params.logprobs)
+        if entries > MAX_WHOLE_LOGPROBS:
+            raise FieldError("", top_field if params.logprobs else "max_tokens", params.logprobs,
+                             f"n x max_tokens x (1 + top logprobs) = {entries} logprob entries in one whole answer, "
+                             f"over the limit of {MAX_WHOLE_LOGPROBS}; stream it, or ask for fewer")
 
 
 def new_id(prefix: str) -> str:

@@ -21,12 +21,13 @@ async def chat_completions(request: Request):
     req: p.ChatCompletionRequest = await parse(request, state, p.ChatCompletionRequest)
     tool_use = req.tool_use()
     params = req.params(state.defaults, tool_use)
+    p.check_share(params, req.stream, state.max_num_seqs, state.max_model_len)
     kwargs = req.template_kwargs()
     messages = await resolve_media(req.messages, state.config.media)
     engine_request = {"messages": messages, "chat_template_kwargs": kwargs}
     if tool_use is not None:
         engine_request["tools"] = tool_use.raw
-    rid, outputs = await submit(state, engine_request, params)
+    rid, outputs = await submit(state, engine_request, params, request)
     cid, made, name = p.new_id("chatcmpl"), p.created(), state.config.model_name
     top_n = req.top_logprobs or 0
     if req.stream:

@@ -18,10 +18,11 @@ async def completions(request: Request):
     state = state_of(request)
     req: p.CompletionRequest = await parse(request, state, p.CompletionRequest)
     params = req.params(state.defaults)
+    p.check_share(params, req.stream, state.max_num_seqs, state.max_model_len, top_field="logprobs")
     prompts = req.prompts()
     if len(prompts) != 1:
         raise ApiError(400, "one prompt per request (send several requests, or use n)", param="prompt")
-    rid, outputs = await submit(state, prompts[0], params)
+    rid, outputs = await submit(state, prompts[0], params, request)
     cid, made, name = p.new_id("cmpl"), p.created(), state.config.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

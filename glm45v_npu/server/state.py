@@ -18,6 +18,7 @@ class ServeConfig:
     api_key: str | None = None
     max_waiting: int | None = None
     max_body_bytes: int = 64 * 2**20
+    write_timeout_s: float = 30.0  # a client that reads nothing of its response for this long is dropped
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
@@ -28,6 +29,14 @@ class ServerState:
     metrics: Metrics
     engine: EngineLoop
     defaults: dict  # the checkpoint's sampling defaults, under SamplingParams' names
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.llm.engine.config.max_num_seqs
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.engine.max_model_len
 
 
 def state_of(request: Request) -> ServerState:
