@@ -14,7 +14,7 @@ STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # What a structured-output request may ask for, counted before anything validates or compiles it (README:
 # "Limits"): past these, schema validation, grammar compilation or the per-token mask take seconds of CPU and
 # grow memory by gigabytes, for one request.
-MAX_SCHEMA_NODES = 10_000  # values in a JSON schema (objects, arrays, strings, numbers)
+MAX_SCHEMA_NODES = 4_096  # values and keys in a JSON schema (a property costs about 4; compiling 4,096 takes ~1 s)
 MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in a JSON schema
 MAX_CHOICES = 1_024  # guided_choice alternatives
 MAX_GRAMMAR_CHARS = 64 * 1024  # characters of a regex, an EBNF grammar, or all choices together
@@ -143,15 +143,47 @@ def regex_expansion(pattern: str) -> int:
 
 
 def _check_schema(schema: dict, origin: str) -> None:
-    """A schema that is not valid JSON Schema (draft 2020-12) is refused naming the field and the fault."""
+    """A schema that is not valid JSON Schema (draft 2020-12) is refused naming the field and the fault. In a
+    server the check runs in a process of its own (schema_checks_apart): it is Python work that would otherwise
+    hold the interpreter lock, every stream's engine steps waiting on it, for as long as it takes."""
+    problem = _schema_problem(schema) if _checker is None else _checker(schema)
+    if problem is not None:
+        raise FieldError("", origin, _json.dumps(schema)[:80], problem)
+
+
+def _schema_problem(schema: dict) -> str | None:
     import jsonschema
 
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
         at = "/".join(str(p) for p in e.absolute_path)
-        raise FieldError("", origin, _json.dumps(schema)[:80],
-                         f"not a valid JSON schema{f' at {at}' if at else ''}: {e.message}") from None
+        return f"not a valid JSON schema{f' at {at}' if at else ''}: {e.message}"
+    except RecursionError:
+        return "nests too deeply to be checked"
+    return None
+
+
+SCHEMA_CHECK_S = 10.0  # what checking one schema may take in the checking process (README: "Limits")
+_checker = None
+
+
+def schema_checks_apart() -> None:
+    """From now on, check JSON schemas in a separate process, each within SCHEMA_CHECK_S (a server calls this)."""
+    global _checker
+    if _checker is not None:
+        return
+    from .apart import Apart, TooLong
+
+    apart = Apart()
+
+    def check(schema: dict) -> str | None:
+        try:
+            return apart.run(_schema_problem, schema, timeout=SCHEMA_CHECK_S)
+        except TooLong:
+            return f"took longer than {SCHEMA_CHECK_S:.0f} s to check (the limit)"
+
+    _checker = check
 
 
 @dataclass

@@ -45,6 +45,7 @@ def test_the_launchers_local_world_size_sets_the_share(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
                     reason="needs taskset and two cores")
 def test_an_engine_under_taskset_runs_one_thread_per_allowed_core(tmp_path):

@@ -272,3 +272,29 @@ def test_greedy_parity_with_fused_decode_kernels(request, triton_kernels, which)
     requests = _requests(n_text_only=2, with_images=which == "vl")[:4]
     _check_parity(path, ref, requests, max_tokens=6, kv_cache_gib=0.001, max_num_batched_tokens=24)
     assert {"split_qkv_rmsnorm_rope", "store_kv", "paged_attention", "fused_moe"} <= set(triton_kernels)
+
+
+def test_a_request_holding_every_slot_gives_one_up_to_the_next_request():
+    """n = max_num_seqs admitted on an idle server takes every slot; the next request's sequence is admitted at the
+    next step (the wide request's newest sequence is preempted), and the wide one keeps at least half the slots."""
+    from glm45v_npu.engine.block_manager import BlockManager
+    from glm45v_npu.engine.scheduler import Scheduler
+    from glm45v_npu.engine.sequence import Sequence
+
+    def seq(request):
+        return Sequence([1, 2, 3], 3, SamplingParams(max_tokens=8), torch.zeros(3, 3), 0, request=request)
+
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=64)
+    wide = [seq("wide") for _ in range(4)]
+    for s in wide:
+        sched.add(s)
+    assert sched.schedule().seqs == wide
+    for s in wide:
+        s.num_computed = 3
+        s.token_ids.append(5)
+    late = seq("late")
+    sched.add(late)
+    batch = sched.schedule()
+    assert late in batch.seqs and len(sched.running) == 4, batch.seqs
+    assert sum(s.request == "wide" for s in sched.running) == 3 and wide[-1] in sched.waiting
+    assert sched.preemptions == 1

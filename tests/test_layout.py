@@ -12,7 +12,7 @@ NAME = PACKAGE.name
 
 # rooms, lowest first: a module may import its own room or any room below it, never one above or beside it
 ROOMS = [
-    ("base", {"errors", "platform", "outputs", "sampling_params"}),
+    ("base", {"errors", "platform", "outputs", "apart", "sampling_params"}),
     ("testing", {"testing"}),
     ("kernels", {"kernels"}),
     ("parallel", {"parallel"}),

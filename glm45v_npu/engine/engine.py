@@ -157,7 +157,7 @@ class Engine:
         req = Request(request_id, enc.prompt, list(enc.token_ids), params, [],
                       RequestMetrics(arrival_time=time.perf_counter()))
         for i in range(params.n):
-            seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images)
+            seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images, request=request_id)
             if enc.grammar is not None:
                 seq.grammar = self.grammars.state(enc.grammar)
             if params.seed is not None:

@@ -1,13 +1,15 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
 Each step takes running sequences first (decodes and unfinished prefills, oldest first), then admits waiting
-ones, all within max_num_seqs sequences and max_num_batched_tokens new tokens. When blocks run out the newest
-running sequence is preempted: its blocks are freed and it is recomputed later (never a crash, never a token lost).
+ones, all within max_num_seqs sequences and max_num_batched_tokens new tokens. While sequences of another request
+wait, one request holds at most half the running slots (its `n` completions take turns; past its share, its newest
+sequence is preempted to make room), so a wide request never shuts the others out. When blocks run out the newest running sequence is preempted: its blocks are freed and it is
+recomputed later (never a crash, never a token lost).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -48,6 +50,8 @@ class Scheduler:
         runs a failed step's requests one at a time)."""
         batch = ScheduledBatch([], [])
         budget = self.max_tokens
+        if only is None:
+            self._make_room()
         for seq in list(self.running):
             if seq not in self.running or (only is not None and seq not in only):  # preempted meanwhile
                 continue
@@ -65,17 +69,22 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new.append(n)
             budget -= n
-        queue = self.waiting if only is None else deque(s for s in self.waiting if s in only)
-        while queue and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = queue[0]
+        queue = list(self.waiting) if only is None else [s for s in self.waiting if s in only]
+        held = Counter(s.request for s in self.running)
+        share = max(1, self.max_num_seqs // 2)
+        several = len({s.request for s in self.waiting}) > 1
+        for seq in queue:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if several and held[seq.request] >= share:
+                continue  # its request has its share; another request's sequence goes first
             self.blocks.admit(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 self.blocks.release(seq)
                 break
-            queue.popleft()
-            if queue is not self.waiting:
-                self.waiting.remove(seq)
+            self.waiting.remove(seq)
+            held[seq.request] += 1
             self.blocks.hits += seq.num_cached  # counted once, when the admission holds
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
@@ -84,6 +93,22 @@ class Scheduler:
             batch.num_new.append(n)
             budget -= n
         return batch
+
+    def _make_room(self) -> None:
+        """With every slot taken, each waiting request that holds less than its share gets one slot from a request
+        over its share (that request's newest sequence is preempted, recomputed later): a request that came when
+        the server was idle and took every slot (n = max_num_seqs) does not keep the next one waiting for it."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
+            return
+        share = max(1, self.max_num_seqs // 2)
+        held = Counter(s.request for s in self.running)
+        for request in dict.fromkeys(s.request for s in self.waiting if held[s.request] < share):
+            over = [s for s in self.running if held[s.request] > share]
+            if not over:
+                return
+            held[over[-1].request] -= 1
+            held[request] += 1
+            self._preempt(over[-1])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -40,6 +40,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     grammar: Any = None  # its structured-output matcher (engine/grammar.py), when the request has a grammar
+    request: str = ""  # its request's id: the n sequences of one request share the scheduler's per-request cap
 
     @property
     def output_ids(self) -> list[int]:

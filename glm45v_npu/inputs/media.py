@@ -14,7 +14,6 @@ from typing import Any
 
 from ..errors import Glm45vError
 
-
 # Set by whoever encodes a request for a client that may leave (the server): long media work checks it between
 # frames and stops, so no CPU goes on for a request nobody waits for, and a shutdown is not held up by it.
 CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("glm45v_cancel", default=None)

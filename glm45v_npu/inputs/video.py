@@ -234,7 +234,6 @@ def _open_source(source: Any, name: str):
 
 def _count_frames(container, name: str) -> int:
     """Containers that do not record a frame count: count by decoding once."""
-    import av
 
     count = 0
     try:

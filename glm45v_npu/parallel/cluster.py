@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import json
 import gc
+import json
 import multiprocessing
 import os
 import signal

@@ -12,12 +12,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import routes_chat, routes_completions, routes_info
+from ..sampling_params import StructuredOutputsParams, schema_checks_apart
+from . import body_check, routes_chat, routes_completions, routes_info
 from .engine_loop import EngineLoop
 from .guard import Guard
 from .http import install_error_handlers
 from .metrics import Metrics
 from .state import ServeConfig, ServerState
+
+
+def _checks_apart() -> None:
+    """JSON schemas and large bodies are checked in processes of their own from now on: started here."""
+    schema_checks_apart()
+    StructuredOutputsParams(json={"type": "object"})
+    body_check.warm()
 
 
 def build_app(llm, config: ServeConfig) -> FastAPI:
@@ -27,9 +35,11 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(_checks_apart)
         engine.start()
         yield
         await asyncio.to_thread(engine.stop)
+        body_check.close()
 
     app = FastAPI(title="glm45v-npu", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server, app.state.engine = state, engine

@@ -57,9 +57,9 @@ class EngineLoop:
         self.commands: queue.Queue = queue.Queue()
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.pool = ThreadPoolExecutor(max_workers=media_workers or min(4, os.cpu_count() or 1),
-                                       thread_name_prefix="glm45v-media")
+                                       thread_name_prefix="glm45v-media", initializer=_background)
         # requests without media have a lane of their own: they never queue behind other requests' images
-        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm45v-text")
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm45v-text", initializer=_background)
         self.preparing = 0  # requests being encoded in the pool (read and written on the event loop)
         self.encoding: set[threading.Event] = set()  # their cancel events: a stop sets them all
         self.dropped: set[str] = set()  # requests ended because their client stopped reading
@@ -70,7 +70,10 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="glm45v-engine", daemon=True)
 
     def start(self) -> None:
-        self.llm.engine.processor.warm()
+        engine = self.llm.engine
+        engine.processor.warm()
+        if engine.processor.tokenizer is not None:  # the grammar compiler reads the vocabulary: not on a request
+            engine.grammars  # noqa: B018
         self.thread.start()
 
     def stop(self) -> None:
@@ -197,6 +200,16 @@ class EngineLoop:
                 self._deliver(out.request_id, None)
                 self.queues.pop(out.request_id, None)
                 self.dropped.discard(out.request_id)
+
+
+def _background() -> None:
+    """A pool thread yields the cores to the engine's threads: a grammar compile or a video decode that competes
+    with a step for a core would slow every stream's tokens (on Linux, a lower priority for this thread)."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
 
 
 def has_media(request: Any) -> bool:

@@ -21,6 +21,10 @@ from .state import ServeConfig
 log = logging.getLogger("glm45v_npu")
 
 
+class SlowClient(Exception):
+    """A response part waited longer than the write timeout for its client to read."""
+
+
 class Guard:
     def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
@@ -58,9 +62,6 @@ class Guard:
             ONCE.log("slow client", f"a client read nothing for {timeout:.0f} s on {scope['path']}; dropped",
                      level=logging.WARNING)
 
-
-class SlowClient(Exception):
-    """A response part waited longer than the write timeout for its client to read."""
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple | None:
         key = self.config.api_key

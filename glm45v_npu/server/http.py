@@ -4,17 +4,18 @@ engine loop, and waiting for a finished output while watching for the client to 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FieldError, Glm45vError
+from . import body_check
+from .body_check import ApiError
 from .engine_loop import Overloaded, Unavailable
 from .metrics import Metrics
 from .state import ServerState
@@ -40,14 +41,6 @@ class Once:
 
 
 ONCE = Once()
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -85,64 +78,18 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return error_response(500, f"internal error ({type(e).__name__})", "server_error")
 
 
-async def parse(request: Request, state: ServerState, model: type[BaseModel]) -> Any:
-    """The body (the guard has checked its size and type) as `model`, or an ApiError that names the field at
-    fault."""
-    config = state.config
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON ({e})") from None
-    except (ValueError, RecursionError) as e:  # a 5000-digit number, or nesting deeper than the parser goes
-        raise ApiError(400, f"the body is JSON this server does not read ({type(e).__name__}: {str(e)[:100]})") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    where = lone_surrogate(data)
-    if where is not None:
-        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate (not a character)", param=where)
-    try:
-        req = model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = _param(first["loc"])
-        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
-    if req.model is not None and req.model != config.model_name:
-        raise ApiError(400, f"model {req.model!r} is not served here (this server serves {config.model_name!r})",
-                       param="model", code="model_not_found")
-    bad = req.unsupported()
-    if bad:
-        raise ApiError(400, f"{bad} is not supported by this server", param=bad)
-    return req
-
-
-def lone_surrogate(data: Any) -> str | None:
-    """Where in the body a string holds a lone surrogate (JSON escapes allow it; no tokenizer takes it)."""
-    stack = [(data, "")]
-    while stack:
-        value, where = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return where or "body"
-        elif isinstance(value, dict):
-            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
-        elif isinstance(value, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
-    return None
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-
-
-def _param(loc: tuple) -> str:
-    """pydantic's error location as the request field (without the type tags it adds for unions)."""
-    parts = []
-    for x in loc:
-        if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x):
-            break
-        parts.append(f"[{x}]" if isinstance(x, int) else ("." if parts else "") + str(x))
-    return "".join(parts)
+async def parse(request: Request, state: ServerState, model: type[BaseModel]) -> tuple[Any, Any]:
+    """The body (the guard has checked its size and type) as `model` and what its route needs from it (sampling
+    parameters, tools), or an ApiError that names the field at fault. A large body is first read and checked in a
+    process of its own: decoding a few MB of JSON holds the interpreter lock, and every stream waits on it."""
+    body = await request.body()
+    name = state.config.model_name
+    if len(body) > body_check.APART_BYTES:
+        refusal = await asyncio.to_thread(body_check.apart, body, name, model, state.defaults, state.max_model_len)
+        if refusal is not None:
+            raise ApiError(*refusal)
+    req = await asyncio.to_thread(body_check.validated, body, name, model)
+    return req, await asyncio.to_thread(req.prepared, state.defaults, state.max_model_len)
 
 
 async def submit(state: ServerState, request: Any, params: Any, client: Request | None = None

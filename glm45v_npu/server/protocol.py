@@ -185,6 +185,13 @@ class ChatCompletionRequest(_Sampling):
         return self.sampling(defaults, self.max_completion_tokens or self.max_tokens,
                              (self.top_logprobs or 0) if self.logprobs else None, self.grammar(tool_use))
 
+    def prepared(self, defaults: dict, max_model_len: int) -> tuple[ToolUse | None, SamplingParams, dict]:
+        """Tools, sampling parameters and template arguments, every size checked (schemas are counted here)."""
+        tool_use = self.tool_use()
+        params = self.params(defaults, tool_use)
+        check_share(params, self.stream, max_model_len)
+        return tool_use, params, self.template_kwargs()
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -217,20 +224,20 @@ class CompletionRequest(_Sampling):
             raise FieldError("", grammars[1].origin, "given", f"cannot be combined with {grammars[0].origin}")
         return self.sampling(defaults, self.max_tokens, self.logprobs, grammars[0] if grammars else None)
 
+    def prepared(self, defaults: dict, max_model_len: int) -> SamplingParams:
+        """Sampling parameters, every size checked (a grammar is counted here)."""
+        params = self.params(defaults)
+        check_share(params, self.stream, max_model_len, top_field="logprobs")
+        return params
 
-# One request's share of the server (README: "Limits"): n of at most half the running slots, so other requests
-# keep moving; and a whole (not streamed) answer of at most this many logprob entries (n x tokens x (1 + top)),
-# built in one piece: 64 x 1000 x 21 of them made a 90 MB body that held the server for a minute.
+
+# A whole (not streamed) answer is built in one piece (README: "Limits"): at most this many logprob entries
+# (n x tokens x (1 + top)); 64 x 1000 x 21 of them made a 90 MB body that held the server for a minute.
 MAX_WHOLE_LOGPROBS = 200_000
 
 
-def check_share(params: SamplingParams, stream: bool, max_num_seqs: int, max_model_len: int,
-                top_field: str = "top_logprobs") -> None:
-    """Refuse, naming the field and the limit, what would take more than one request's share."""
-    share = max(1, max_num_seqs // 2)
-    if params.n > share:
-        raise FieldError("", "n", params.n, f"must be at most {share} here (half the server's {max_num_seqs} "
-                         "running slots, so other requests keep moving)")
+def check_share(params: SamplingParams, stream: bool, max_model_len: int, top_field: str = "top_logprobs") -> None:
+    """Refuse, naming the field and the limit, a whole answer too large to build in one piece."""
     if params.logprobs is not None and not stream:
         tokens = min(params.max_tokens or max_model_len, max_model_len)
         entries = params.n * tokens * (1 + params.logprobs)

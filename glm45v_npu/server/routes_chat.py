@@ -18,11 +18,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     state = state_of(request)
-    req: p.ChatCompletionRequest = await parse(request, state, p.ChatCompletionRequest)
-    tool_use = req.tool_use()
-    params = req.params(state.defaults, tool_use)
-    p.check_share(params, req.stream, state.max_num_seqs, state.max_model_len)
-    kwargs = req.template_kwargs()
+    req, (tool_use, params, kwargs) = await parse(request, state, p.ChatCompletionRequest)
     messages = await resolve_media(req.messages, state.config.media)
     engine_request = {"messages": messages, "chat_template_kwargs": kwargs}
     if tool_use is not None:

@@ -16,9 +16,7 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(request: Request):
     state = state_of(request)
-    req: p.CompletionRequest = await parse(request, state, p.CompletionRequest)
-    params = req.params(state.defaults)
-    p.check_share(params, req.stream, state.max_num_seqs, state.max_model_len, top_field="logprobs")
+    req, params = await parse(request, state, p.CompletionRequest)
     prompts = req.prompts()
     if len(prompts) != 1:
         raise ApiError(400, "one prompt per request (send several requests, or use n)", param="prompt")

@@ -31,10 +31,6 @@ class ServerState:
     defaults: dict  # the checkpoint's sampling defaults, under SamplingParams' names
 
     @property
-    def max_num_seqs(self) -> int:
-        return self.llm.engine.config.max_num_seqs
-
-    @property
     def max_model_len(self) -> int:
         return self.llm.engine.max_model_len
 
