@@ -257,9 +257,11 @@ def worker_llamacpp(threads: int, batch: int, extra: list[str]) -> dict:
     def generate(ps, n):
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         entries = [(t, j, s, j == len(p) - 1) for s, p in enumerate(ps) for j, t in enumerate(p)]
-        run(entries)
-        last = [i for i, e in enumerate(entries) if e[3]]
-        toks = [argmax(i) for i in last]
+        toks = []
+        for c in range(0, len(entries), cp.n_batch):  # one decode call takes at most n_batch tokens
+            part = entries[c : c + cp.n_batch]
+            run(part)
+            toks += [argmax(i) for i, e in enumerate(part) if e[3]]
         for step in range(1, n):
             run([(toks[s], PROMPT + step - 1, s, True) for s in range(len(ps))])
             toks = [argmax(s) for s in range(len(ps))]

@@ -41,7 +41,10 @@ class Apart:
     def _stop(self) -> None:
         if self._pool is None:
             return
-        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        for process in processes:
             process.kill()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(5)
         self._pool = None

@@ -450,8 +450,9 @@ def serve(
     require(allowed_local_media_path is None or allowed_local_media_path.is_dir(),
             f"--allowed-local-media-path {allowed_local_media_path}: not a folder")
     llm = _llm(engine)
-    config = ServeConfig(served_model_name or engine.model, api_key, max_waiting, max_body_mb * 2**20,
-                         MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts))
+    config = ServeConfig(served_model_name or engine.model, api_key=api_key, max_waiting=max_waiting,
+                         max_body_bytes=max_body_mb * 2**20,
+                         media=MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts))
     app = build_app(llm, config)
 
     class Server(uvicorn.Server):

@@ -146,7 +146,7 @@ def _check_schema(schema: dict, origin: str) -> None:
     """A schema that is not valid JSON Schema (draft 2020-12) is refused naming the field and the fault. In a
     server the check runs in a process of its own (schema_checks_apart): it is Python work that would otherwise
     hold the interpreter lock, every stream's engine steps waiting on it, for as long as it takes."""
-    problem = _schema_problem(schema) if _checker is None else _checker(schema)
+    problem = _schema_problem(schema) if _apart is None else _checked_apart(schema)
     if problem is not None:
         raise FieldError("", origin, _json.dumps(schema)[:80], problem)
 
@@ -165,25 +165,29 @@ def _schema_problem(schema: dict) -> str | None:
 
 
 SCHEMA_CHECK_S = 10.0  # what checking one schema may take in the checking process (README: "Limits")
-_checker = None
+_apart = None  # the checking process's handle while schema checks run apart
 
 
-def schema_checks_apart() -> None:
-    """From now on, check JSON schemas in a separate process, each within SCHEMA_CHECK_S (a server calls this)."""
-    global _checker
-    if _checker is not None:
-        return
-    from .apart import Apart, TooLong
+def schema_checks_apart(on: bool = True) -> None:
+    """From now on, check JSON schemas in a process of their own, each within SCHEMA_CHECK_S; or, with on=False,
+    stop that process and check in the caller again (a server's start and stop)."""
+    global _apart
+    from .apart import Apart
 
-    apart = Apart()
+    if on and _apart is None:
+        _apart = Apart()
+    elif not on and _apart is not None:
+        _apart.close()
+        _apart = None
 
-    def check(schema: dict) -> str | None:
-        try:
-            return apart.run(_schema_problem, schema, timeout=SCHEMA_CHECK_S)
-        except TooLong:
-            return f"took longer than {SCHEMA_CHECK_S:.0f} s to check (the limit)"
 
-    _checker = check
+def _checked_apart(schema: dict) -> str | None:
+    from .apart import TooLong
+
+    try:
+        return _apart.run(_schema_problem, schema, timeout=SCHEMA_CHECK_S)
+    except TooLong:
+        return f"took longer than {SCHEMA_CHECK_S:.0f} s to check (the limit)"
 
 
 @dataclass

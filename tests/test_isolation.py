@@ -74,11 +74,16 @@ async def _bystanders(url: str, probe, n: int = 6, tokens: int = 300, delay: flo
 
 
 def _beside(srv, probe):
-    """The probe's result and time, having checked the bystanders' bound against a calm run."""
-    calm, _, _ = asyncio.run(_bystanders(srv.url, None))
-    loaded, result, took = asyncio.run(_bystanders(srv.url, probe))
-    assert loaded <= calm + 2 * _step_s(srv), (loaded, calm, _step_s(srv))
-    return result, took
+    """The probe's result and time, having checked the bystanders' bound against a calm run. A gap of a few ms
+    over the bound comes and goes on a busy 2-core machine (a collection, the client's own work), so a miss is
+    measured once more, calm and probe again; a probe that stalls the engine misses both times."""
+    for _ in range(2):
+        calm, _, _ = asyncio.run(_bystanders(srv.url, None))
+        loaded, result, took = asyncio.run(_bystanders(srv.url, probe))
+        if loaded <= calm + 2 * _step_s(srv):
+            return result, took
+    raise AssertionError(f"bystanders' largest gap {loaded * 1e3:.1f} ms beside the probe, {calm * 1e3:.1f} ms calm "
+                         f"(bound: calm + 2 steps of {_step_s(srv) * 1e3:.1f} ms)")
 
 
 def _post(body, path="/v1/chat/completions"):
@@ -464,14 +469,19 @@ def test_a_dropped_tp2_llm_cleans_up_and_another_one_works(ckpt):
 
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     threads_before = {t.name for t in threading.enumerate()}
+    before = set(multiprocessing.active_children())  # e.g. a server's checking processes, still up
+
+    def children():
+        return set(multiprocessing.active_children()) - before
+
     llm = LLM(ckpt, tensor_parallel_size=2, block_size=4, kv_cache_gib=0.002)
     first = llm.generate("same tokens", params)[0].outputs[0].token_ids
     del llm
     gc.collect()
     deadline = time.time() + 30
-    while time.time() < deadline and multiprocessing.active_children():
+    while time.time() < deadline and children():
         time.sleep(0.2)
-    assert not multiprocessing.active_children()
+    assert not children()
     left = {t.name for t in threading.enumerate()} - threads_before
     assert not {name for name in left if name.startswith("glm45v")}, left
     llm = LLM(ckpt, tensor_parallel_size=2, block_size=4, kv_cache_gib=0.002)
@@ -479,4 +489,4 @@ def test_a_dropped_tp2_llm_cleans_up_and_another_one_works(ckpt):
         assert llm.generate("same tokens", params)[0].outputs[0].token_ids == first
     finally:
         llm.close()
-    assert not multiprocessing.active_children()
+    assert not children()

@@ -18,6 +18,7 @@ import torch
 from .. import platform
 from ..errors import Glm45vError
 from ..inputs.processor import Processor
+from ..kernels import ops
 from ..model.glm4v_moe import build_model, dequantize, load_model
 from ..model.hf_config import ModelConfig, check_layout, load_config, with_num_layers
 from ..model.hub import resolve_model
@@ -108,6 +109,7 @@ def follow(config: EngineConfig) -> NoReturn:
 def build_rank(spec: RankSpec, layout: Layout, device: torch.device, progress: bool = False):
     """-> (model, runner, num_blocks, bytes per block). Every rank runs this in lockstep (the warm-up profile
     and the KV block count agreement are collectives)."""
+    ops.prepare(device)
     if spec.config.load_format == "dummy":
         model = build_model(spec.model, spec.dtype, device, layout, spec.plan)
         if model.plan.dequantize:

@@ -131,6 +131,13 @@ def portable(op: str, device: torch.device) -> Callable:
     return TWINS[op]
 
 
+def prepare(device: torch.device) -> None:
+    """Build what this device's kernels need before the first step, not during it: the CPU's native kernels
+    compile here (once per machine, 10-30 s), while the engine starts rather than under a request's first token."""
+    if device.type == "cpu" and backend("cpu") == "native":
+        cpu.available()
+
+
 def impl(op: str, device: torch.device) -> Callable:
     key = (op, device.type)
     if key not in _cache:

@@ -40,6 +40,7 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
         yield
         await asyncio.to_thread(engine.stop)
         body_check.close()
+        schema_checks_apart(on=False)
 
     app = FastAPI(title="glm45v-npu", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server, app.state.engine = state, engine

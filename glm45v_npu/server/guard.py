@@ -21,6 +21,9 @@ from .state import ServeConfig
 log = logging.getLogger("glm45v_npu")
 
 
+DISCARD_S = 5.0  # what dropping an over-limit body before its 413 may take
+
+
 class SlowClient(Exception):
     """A response part waited longer than the write timeout for its client to read."""
 
@@ -34,6 +37,8 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         refusal = self._refusal(scope, headers)
+        if refusal is not None and refusal[0] == 413:  # declared too large
+            await self._discard_declared(headers, receive)
         if refusal is None and scope["method"] == "POST":
             body = await self._body(receive)
             if body is None:  # the client left before its body arrived: nothing to answer
@@ -80,6 +85,23 @@ class Guard:
             if length.isdigit() and int(length) > self.config.max_body_bytes:  # not worth reading to say so
                 return self._too_large()
         return None
+
+    async def _discard_declared(self, headers: Headers, receive: Receive) -> None:
+        """A body declared at most twice the limit is read and dropped (none of it kept, for at most DISCARD_S)
+        before the 413: a client still sending when the server closes gets a reset instead of the answer. A larger
+        declared body is not read at all."""
+        length = int(headers.get("content-length", "0") or 0)
+        if length > 2 * self.config.max_body_bytes:
+            return
+
+        async def drain() -> None:
+            while (await receive()).get("more_body", False):
+                pass
+
+        try:
+            await asyncio.wait_for(drain(), DISCARD_S)
+        except asyncio.TimeoutError:
+            pass
 
     def _too_large(self) -> tuple:
         return 413, f"the body is over {self.config.max_body_bytes // 2**20} MiB", "invalid_request_error", \

@@ -3,7 +3,7 @@ defaults. build_app makes one and puts it at app.state.server; routes read it fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from fastapi import Request
 
@@ -15,6 +15,7 @@ from .metrics import Metrics
 @dataclass
 class ServeConfig:
     model_name: str
+    _: KW_ONLY  # the rest by name: a field added in the middle must not shift a caller's arguments
     api_key: str | None = None
     max_waiting: int | None = None
     max_body_bytes: int = 64 * 2**20
