@@ -433,6 +433,9 @@ def serve(
                                                    "also hosts on loopback, private and link-local addresses")] = False,
     shutdown_grace: Annotated[float, Opt("--shutdown-grace", metavar="S", help="on SIGTERM/Ctrl-C, seconds "
                                          "running requests may finish before the rest are aborted")] = 30.0,
+    allowed_origins: Annotated[list[str] | None, Opt("--allowed-origins", metavar="ORIGIN", help="let web pages "
+                                                     "of ORIGIN call the API (CORS; repeat it, '*' for any, or "
+                                                     "vLLM's JSON list); off by default")] = None,
     engine: EngineConfig = None,
 ) -> None:
     """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
@@ -452,7 +455,8 @@ def serve(
     llm = _llm(engine)
     config = ServeConfig(served_model_name or engine.model, api_key=api_key, max_waiting=max_waiting,
                          max_body_bytes=max_body_mb * 2**20,
-                         media=MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts))
+                         media=MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts),
+                         allowed_origins=_origins(allowed_origins or []))
     app = build_app(llm, config)
 
     class Server(uvicorn.Server):
@@ -471,6 +475,23 @@ def serve(
     Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace,
                           log_level="warning")).run()
     llm.close()
+
+
+def _origins(given: list[str]) -> tuple[str, ...]:
+    """--allowed-origins values: each an origin, or vLLM's JSON list of them."""
+    out = []
+    for value in given:
+        if value.lstrip().startswith("["):
+            try:
+                items = json.loads(value)
+            except json.JSONDecodeError:
+                items = None
+            require(isinstance(items, list) and all(isinstance(o, str) for o in items),
+                    f"--allowed-origins {value}: expected a JSON list of strings")
+            out += items
+        else:
+            out.append(value)
+    return tuple(out)
 
 
 # --- info --------------------------------------------------------------------------------------------------

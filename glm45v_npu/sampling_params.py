@@ -211,6 +211,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # what step() reports: the whole output so far, only what is new, or the end
     structured_outputs: StructuredOutputsParams | None = None  # the output follows this grammar
+    # vLLM's name: at most this many tokens between the model's <think> and its </think>, which is then forced
+    # (0: the model may not open <think>); None: no budget but max_tokens (a constrained answer keeps its room)
+    thinking_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -237,6 +240,8 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"must be in 0..{MAX_LOGPROBS}"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in 0..2^63-1"),
+            ("thinking_token_budget", self.thinking_token_budget is None or self.thinking_token_budget >= 0,
+             "must be >= 0"),
             ("output_kind", self.output_kind in OUTPUT_KINDS, f"expected one of {', '.join(OUTPUT_KINDS)}"),
         ]
         for name, ok, why in checks:
@@ -244,12 +249,12 @@ class SamplingParams:
                 raise FieldError("SamplingParams: ", name, getattr(self, name), why)
 
     def _check_types(self) -> None:
-        ints = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs")
+        ints = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "thinking_token_budget")
         floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
         bools = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
         for name in ints + floats:
             v = getattr(self, name)
-            if v is None and name in ("max_tokens", "seed", "logprobs"):
+            if v is None and name in ("max_tokens", "seed", "logprobs", "thinking_token_budget"):
                 continue
             kinds = (int,) if name in ints else (int, float)
             if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, float) and not math.isfinite(v)):

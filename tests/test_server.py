@@ -92,12 +92,13 @@ def test_streaming_splits_reasoning_from_content(client, server, monkeypatch):
     monkeypatch.setattr(server.llm.engine, "sampler", ScriptedSampler(server.llm.engine.processor.tokenizer))
     stream = client.chat.completions.create(model="glm45v-test", messages=[{"role": "user", "content": "q"}],
                                             max_tokens=40, stream=True, stream_options={"include_usage": True})
-    reasoning, content, finish, usage = "", "", None, None
+    reasoning, content, finish, usage, newer = "", "", None, None, ""
     for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
         for c in chunk.choices:
             reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            newer += getattr(c.delta, "reasoning", None) or ""
             content += c.delta.content or ""
             finish = c.finish_reason or finish
     assert reasoning == "let me see" and content == "It is <|begin_of_box|>42<|end_of_box|>"
@@ -106,6 +107,30 @@ def test_streaming_splits_reasoning_from_content(client, server, monkeypatch):
                                            max_tokens=40)
     message = whole.choices[0].message
     assert message.content == content and message.model_extra["reasoning_content"] == reasoning
+    assert newer == reasoning and message.model_extra["reasoning"] == reasoning  # vLLM's newer name too
+
+
+def test_what_newer_clients_send_is_understood(client, server):
+    """role developer (a system turn), reasoning_effort none (thinking off, as the template's own switch), a
+    model retrieved by id; a reasoning_effort the server does not know is a 400 naming it."""
+    import openai
+
+    def prompt_tokens(**extra):
+        return client.chat.completions.create(model="glm45v-test", max_tokens=1, **extra).usage.prompt_tokens
+
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    developer = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert prompt_tokens(messages=developer) == prompt_tokens(messages=system)
+    off = prompt_tokens(messages=system, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off != prompt_tokens(messages=system)
+    assert prompt_tokens(messages=system, reasoning_effort="none") == off
+    assert prompt_tokens(messages=system, reasoning_effort="minimal") == off
+    with pytest.raises(openai.BadRequestError) as e:
+        prompt_tokens(messages=system, extra_body={"reasoning_effort": "extreme"})
+    assert e.value.body["param"] == "reasoning_effort"
+    assert client.models.retrieve("glm45v-test").id == "glm45v-test"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_a_hundred_streams_with_twenty_disconnects(server):
@@ -253,12 +278,21 @@ def test_the_serve_command_builds_a_server_that_answers(ckpt, monkeypatch):
             chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             seen["chat"] = client.post("/v1/chat/completions", json=chat).status_code
             seen["big"] = client.post("/v1/chat/completions", json=chat | {"user": "x" * 2**20}).status_code
+            pre = client.options("/v1/chat/completions", headers={
+                "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            seen["preflight"] = pre.status_code, pre.headers.get("access-control-allow-origin")
+            other = client.options("/v1/chat/completions", headers={
+                "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+            seen["other origin"] = other.headers.get("access-control-allow-origin")
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C
-    r = CliRunner().invoke(app, ["serve", "--model", str(ckpt), "--max-body-mb", "1"])
+    r = CliRunner().invoke(app, ["serve", "--model", str(ckpt), "--max-body-mb", "1",
+                                 "--allowed-origins", '["https://app.example"]'])
     assert r.exit_code == 0, r.output
-    assert seen == {"health": 200, "chat": 200, "big": 413}, seen
+    assert seen == {"health": 200, "chat": 200, "big": 413, "preflight": (200, "https://app.example"),
+                    "other origin": None}, seen
 
 
 @pytest.mark.slow

@@ -63,11 +63,14 @@ def _valid_calls(calls):
 # --- the grammar holds a random model to the tools and schemas -----------------------------------------------------
 
 
-def test_required_tool_choice_returns_calls_that_validate(client, server):
+@pytest.mark.parametrize("extra", [NO_THINK, {}], ids=["thinking off", "thinking on (the default)"])
+def test_required_tool_choice_returns_calls_that_validate(client, server, extra):
+    """With thinking on the tiny model never opens <think>: the calls must still come (they used to come back as
+    finish_reason stop, no calls, when the grammar waited for a </think>)."""
     for seed in range(3):
         r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "weather in Oslo?"}],
                                            tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
-                                           temperature=1, seed=seed, max_tokens=200, extra_body=NO_THINK)
+                                           temperature=1, seed=seed, max_tokens=200, extra_body=extra)
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         assert len(choice.message.tool_calls) == 1 and choice.message.tool_calls[0].id.startswith("call_")
@@ -78,24 +81,38 @@ def test_required_tool_choice_returns_calls_that_validate(client, server):
     for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
                                                 tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
                                                 temperature=1, seed=7, max_tokens=200, stream=True,
-                                                extra_body=NO_THINK):
+                                                extra_body=extra):
         state.handle_chunk(chunk)
     final = state.get_final_completion().choices[0]
     assert final.finish_reason == "tool_calls" and len(final.message.tool_calls) == 1
     _valid_calls(final.message.tool_calls)
     parallel = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
                                               tools=TOOLS, tool_choice="required", temperature=1, seed=8,
-                                              max_tokens=150, extra_body=NO_THINK).choices[0]
+                                              max_tokens=150, extra_body=extra).choices[0]
     assert parallel.finish_reason in ("tool_calls", "length")  # a random model may go on calling to max_tokens
     assert len(parallel.message.tool_calls) >= 1  # each finished element of the array is a call
     _valid_calls(parallel.message.tool_calls)
     named = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "find cats"}],
                                            tools=TOOLS, tool_choice={"type": "function", "function": {"name": "search"}},
-                                           temperature=1, seed=3, max_tokens=200, extra_body=NO_THINK)
+                                           temperature=1, seed=3, max_tokens=200, extra_body=extra)
     calls = named.choices[0].message.tool_calls
     assert [c.function.name for c in calls] == ["search"]
     _valid_calls(calls)
     assert server.idle()
+
+
+def test_json_schema_parse_helper_with_thinking_on(client):
+    """(A random model fills an unbounded string up to max_tokens: the schema bounds it, as for the tools.)"""
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        city: str = Field(max_length=12)
+        days: int = Field(ge=0, le=99)
+
+    for seed in range(3):
+        r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "weather?"}],
+                                               response_format=Answer, temperature=1, seed=seed, max_tokens=200)
+        assert isinstance(r.choices[0].message.parsed, Answer), r.choices[0].message.content
 
 
 def _random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -240,6 +257,68 @@ def test_the_grammar_waits_for_the_reasoning_to_end(ckpt):
     assert reasoning == "<think>free {{ text" and json.loads(answer)["n"] in range(10)
 
 
+DIGIT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+         "additionalProperties": False}
+
+
+def _reasoning_and_answer(text: str) -> tuple[str | None, str]:
+    if "</think>" not in text:
+        return None, text
+    reasoning, answer = text.split("</think>")
+    return reasoning, answer
+
+
+def test_with_thinking_on_a_model_that_does_not_open_think_is_constrained_from_its_first_token(ckpt):
+    """The tiny model never writes <think>: the answer still follows the schema (it used to wait for a </think>
+    that never came, and came back as free text)."""
+    llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
+    grammar = StructuredOutputsParams(json=DIGIT)
+    outs = llm.chat([[{"role": "user", "content": f"q{i}"}] for i in range(12)],
+                    SamplingParams(max_tokens=40, temperature=1, seed=5, structured_outputs=grammar))
+    for out in outs:
+        reasoning, answer = _reasoning_and_answer(out.outputs[0].text)
+        assert json.loads(answer)["n"] in range(10), out.outputs[0].text
+
+
+def test_a_thinking_budget_forces_the_end_of_reasoning_and_the_answer_follows(ckpt):
+    llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
+    engine = llm.engine
+    engine.sampler = Scripted(engine.processor.tokenizer, ["<think>"], then=engine.sampler)
+    params = SamplingParams(max_tokens=200, temperature=1, seed=3, thinking_token_budget=5,
+                            structured_outputs=StructuredOutputsParams(json=DIGIT))
+    out = llm.chat([{"role": "user", "content": "think"}], params)[0].outputs[0]
+    think_end = engine.grammars.reasoning_end
+    assert out.token_ids.index(think_end) <= 6, out.token_ids  # <think> + at most 5 reasoning tokens
+    assert json.loads(_reasoning_and_answer(out.text)[1])["n"] in range(10), out.text
+
+
+def test_reasoning_that_would_leave_no_room_for_the_answer_is_cut_and_never_stops_inside(ckpt):
+    """max_tokens small, the model thinking and never closing on its own: </think> comes when the tokens left come
+    down to what the answer keeps; stop tokens cannot end the reasoning; the answer parses."""
+    llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
+    engine = llm.engine
+    for seed in range(6):
+        engine.sampler = Scripted(engine.processor.tokenizer, ["<think>"], then=engine.sampler)
+        params = SamplingParams(max_tokens=24, temperature=1, seed=seed,
+                                structured_outputs=StructuredOutputsParams(json=DIGIT))
+        out = llm.chat([{"role": "user", "content": "think"}], params)[0].outputs[0]
+        assert engine.grammars.reasoning_end in out.token_ids, out.token_ids
+        assert out.finish_reason == "stop" and json.loads(_reasoning_and_answer(out.text)[1])["n"] in range(10)
+
+
+def test_a_thinking_budget_alone_caps_the_reasoning_of_a_plain_request(ckpt):
+    llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
+    engine = llm.engine
+    engine.sampler = Scripted(engine.processor.tokenizer, ["<think>"], then=engine.sampler)
+    out = llm.chat([{"role": "user", "content": "think"}], SamplingParams(
+        max_tokens=30, temperature=1, seed=1, ignore_eos=True, thinking_token_budget=3))[0].outputs[0]
+    assert out.token_ids[4] == engine.grammars.reasoning_end, out.token_ids
+    engine.sampler = engine.sampler.then
+    out = llm.chat([{"role": "user", "content": "no thinking"}], SamplingParams(
+        max_tokens=30, temperature=1, seed=1, thinking_token_budget=0))[0].outputs[0]
+    assert engine.grammars.think_open not in out.token_ids
+
+
 def test_llm_chat_gives_parsed_tool_calls(ckpt):
     llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
     llm.engine.sampler = Scripted(llm.engine.processor.tokenizer, CALL)
@@ -337,7 +416,7 @@ def test_strings_refuse_control_characters_and_surrogates(ckpt):
     assert len(to_byte) == 256
 
     def takes(schema, data: bytes) -> bool:
-        state = grammars.state(grammars.prepare(StructuredOutputsParams(json=schema), [1]))
+        state = grammars.state(grammars.prepare(StructuredOutputsParams(json=schema), [1]), 1000, SamplingParams())
         return state.advance([to_byte[b] for b in data])
 
     for schema in ({"type": "string"}, {"type": "string", "maxLength": 5}):
@@ -386,3 +465,27 @@ def test_bad_tool_and_format_requests_get_a_400_naming_the_field(server, body, p
     assert error["param"] == param, error
     if param is None:
         assert "messages[0].tool_calls[0].function.arguments: not valid JSON" in error["message"]
+
+
+@pytest.mark.parametrize("text, content, names", [
+    ("I will.<tool_call>nope\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call> done",
+     "I will.<tool_call>nope\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call> done", []),
+    ("<tool_call>nope</tool_call>x<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>1</arg_value>\n</tool_call>"
+     "<tool_call>other\n</tool_call>", "<tool_call>nope</tool_call>x", ["search"]),
+    ("a<tool_call>nope\n<arg_key>q", "a<tool_call>nope\n<arg_key>q", []),
+])
+def test_a_call_to_an_undeclared_function_stays_text_whole_and_streamed(text, content, names):
+    from glm45v_npu.engine.tool_calls import ToolCallStream, parse_tool_calls
+
+    tools = {"search": {"type": "object", "properties": {"q": {"type": "string"}}}}
+    whole, calls = parse_tool_calls(text, tools)
+    assert (whole, [c.name for c in calls]) == (content, names)
+    stream, streamed, headers = ToolCallStream(tools), "", []
+    for ch in text:
+        piece, deltas = stream.feed(ch)
+        streamed += piece
+        headers += [d.name for d in deltas if d.name]
+    piece, deltas = stream.flush()
+    streamed += piece
+    headers += [d.name for d in deltas if d.name]
+    assert (streamed, headers) == (content, names)

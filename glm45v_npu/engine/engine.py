@@ -126,7 +126,7 @@ class Engine:
             raise FieldError("", where, f"{size} bytes of text", f"is at least {size // self.processor.max_token_bytes}"
                              f" tokens, over the model's context of {self.max_model_len}")
         enc = self.processor.encode(request, enable_thinking)
-        if params.structured_outputs is not None:
+        if params.structured_outputs is not None or params.thinking_token_budget is not None:
             enc.grammar = self.grammars.prepare(params.structured_outputs, enc.token_ids)
         n, wanted = len(enc.token_ids), params.max_tokens or 1
         if n + wanted > self.max_model_len:
@@ -159,7 +159,7 @@ class Engine:
         for i in range(params.n):
             seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images, request=request_id)
             if enc.grammar is not None:
-                seq.grammar = self.grammars.state(enc.grammar)
+                seq.grammar = self.grammars.state(enc.grammar, self._limit(n, params), params)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(derived_seed(params.seed, i))
             detok = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens, params.stop,
@@ -346,8 +346,7 @@ class Engine:
         is_stop_id = token in p.stop_token_ids
         if not (is_eos or is_stop_id):
             comp.detok.add(token)
-        limit = min(p.max_tokens or self.max_model_len, self.max_model_len - seq.prompt_len,
-                    self.capacity_tokens - seq.prompt_len)  # a sequence never outgrows the whole cache
+        limit = self._limit(seq.prompt_len, p)
         reason = None
         if is_eos or is_stop_id:
             reason, comp.stop_reason = "stop", token if is_stop_id else None
@@ -367,6 +366,11 @@ class Engine:
         comp.text += comp.detok.delta(final=reason is not None)
         comp.changed = True
         self._dirty[req.request_id] = None
+
+    def _limit(self, prompt_len: int, p: SamplingParams) -> int:
+        """The most tokens a sequence may write: max_tokens, within the context and the whole cache."""
+        return min(p.max_tokens or self.max_model_len, self.max_model_len - prompt_len,
+                   self.capacity_tokens - prompt_len)
 
     def _decode_one(self, token: int) -> str | None:
         tok = self.processor.tokenizer

@@ -68,17 +68,27 @@ def _arguments(body: str, params: dict | None) -> dict:
 
 
 def _call(body: str, tools: dict[str, dict]) -> ToolCall:
-    name = re.split(r"\n|" + re.escape(KEY_OPEN), body, maxsplit=1)[0].strip()
+    name = _name(body)
     return ToolCall(new_call_id(), name, json.dumps(_arguments(body, tools.get(name)), ensure_ascii=False))
 
 
 def parse_tool_calls(text: str, tools: dict[str, dict]) -> tuple[str, list[ToolCall]]:
-    """A whole answer -> (content before the first call, the calls). An unclosed last call is still a call."""
-    if CALL_OPEN not in text:
-        return text, []
-    content, rest = text.split(CALL_OPEN, 1)
-    calls = [_call(chunk.split(CALL_CLOSE, 1)[0], tools) for chunk in rest.split(CALL_OPEN)]
+    """A whole answer -> (content before the first call, the calls). An unclosed last call is still a call. A
+    call to a function the request did not declare is text: content before the first real call, else dropped
+    with the text between calls."""
+    pieces = text.split(CALL_OPEN)
+    content, calls = pieces[0], []
+    for chunk in pieces[1:]:
+        body = chunk.split(CALL_CLOSE, 1)[0]
+        if _name(body) in tools:
+            calls.append(_call(body, tools))
+        elif not calls:
+            content += CALL_OPEN + chunk
     return content, calls
+
+
+def _name(body: str) -> str:
+    return re.split(r"\n|" + re.escape(KEY_OPEN), body, maxsplit=1)[0].strip()
 
 
 @dataclass
@@ -95,12 +105,14 @@ class ToolCallStream:
     """Content deltas -> (content delta, call deltas). Content is shown until `<tool_call>`; each call's name is
     sent once it is complete, then its arguments as each key and value closes (`{"k": v`, `, "k": v`, then `}`),
     so the pieces concatenate to the parsed call's arguments. Text between and after calls is not content (as in
-    the whole-answer parse); a tag split across deltas is held back."""
+    the whole-answer parse), and a call to an undeclared function is text; a tag split across deltas is held
+    back."""
 
     def __init__(self, tools: dict[str, dict], parallel: bool = True):
         self.tools, self.parallel = tools, parallel
         self.buffer = ""
-        self.state = "content"  # content -> name -> args -> between -> name ... (done: no more calls wanted)
+        self.state = "content"  # content -> name -> args -> between -> name ... (done: no more calls wanted);
+        # name -> text: a call to an undeclared function, text until its </tool_call>
         self.index = -1
         self.name = ""
         self.args_sent = 0
@@ -121,13 +133,29 @@ class ToolCallStream:
                 if self.state == "content":
                     content += self.buffer[:at]
                 self.buffer = self.buffer[at + len(CALL_OPEN) :]
-                self.state, self.index, self.name, self.args_sent = "name", self.index + 1, "", 0
+                self.state, self.name, self.args_sent = "name", "", 0
             elif self.state == "name":
                 m = re.search(r"\n|" + re.escape(KEY_OPEN) + "|" + re.escape(CALL_CLOSE), self.buffer)
                 if m is None:
                     return content, out
-                self.name, self.buffer, self.state = self.buffer[: m.start()].strip(), self.buffer[m.start() :], "args"
+                name = self.buffer[: m.start()].strip()
+                if name not in self.tools:
+                    content += CALL_OPEN + self.buffer[: m.start()] if self.index < 0 else ""
+                    self.buffer, self.state = self.buffer[m.start() :], "text"
+                    continue
+                self.index += 1
+                self.name, self.buffer, self.state = name, self.buffer[m.start() :], "args"
                 out.append(CallDelta(self.index, "", new_call_id(), self.name))
+            elif self.state == "text":
+                end = self.buffer.find(CALL_CLOSE)
+                keep = 0 if end >= 0 else next(
+                    (k for k in range(len(CALL_CLOSE) - 1, 0, -1) if self.buffer.endswith(CALL_CLOSE[:k])), 0)
+                upto = end + len(CALL_CLOSE) if end >= 0 else len(self.buffer) - keep
+                content += self.buffer[:upto] if self.index < 0 else ""
+                self.buffer = self.buffer[upto:]
+                if end < 0:
+                    return content, out
+                self.state = "content" if self.index < 0 else "between"
             elif self.state == "args":
                 end = self.buffer.find(CALL_CLOSE)
                 out += self._arguments(self.buffer if end < 0 else self.buffer[:end])
@@ -143,11 +171,14 @@ class ToolCallStream:
     def flush(self) -> tuple[str, list[CallDelta]]:
         """The end of the answer: an unclosed call is closed with what it has."""
         content, out = self.feed("")
-        if self.state == "content":
+        if self.state == "content" or (self.state == "text" and self.index < 0):
             content, self.buffer = content + self.buffer, ""
-        elif self.state == "name" and self.buffer.strip():
+        elif self.state == "name" and self.buffer.strip() in self.tools:
+            self.index += 1
             out.append(CallDelta(self.index, "", new_call_id(), self.buffer.strip()))
             out.append(CallDelta(self.index, "{}"))
+        elif self.state == "name" and self.index < 0:
+            content += CALL_OPEN + self.buffer
         elif self.state == "args":
             out += self._arguments(self.buffer)
             out.append(CallDelta(self.index, "}" if self.args_sent else "{}"))

@@ -69,8 +69,10 @@ def split_media(messages: Any) -> tuple[list, list, list]:
         if not isinstance(m, dict):
             raise Glm45vError(f"messages[{i}]: expected an object with 'role' and 'content'")
         role, content = m.get("role"), m.get("content")
+        if role == "developer":  # newer OpenAI clients' name for the system turn
+            role, m = "system", {**m, "role": "system"}
         if role not in ROLES:
-            raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+            raise Glm45vError(f"messages[{i}].role: {role!r} is not one of {', '.join(ROLES)} (or developer)")
         if role == "assistant" and m.get("tool_calls") is not None:
             m = {**m, "tool_calls": _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")}
         if role == "tool" and isinstance(content, list):  # the template renders a tool result as text

@@ -11,6 +11,7 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from ..sampling_params import StructuredOutputsParams, schema_checks_apart
 from . import body_check, routes_chat, routes_completions, routes_info
@@ -46,6 +47,9 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
     app.state.server, app.state.engine = state, engine
 
     app.add_middleware(Guard, config=config, metrics=metrics)
+    if config.allowed_origins:  # outside the guard: a browser's preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
     install_error_handlers(app, metrics)
     for router in (routes_info.router, routes_chat.router, routes_completions.router):
         app.include_router(router)

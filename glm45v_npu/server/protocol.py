@@ -16,6 +16,8 @@ from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import MAX_LOGPROBS, STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 
 TEMPLATE_KWARGS = {"enable_thinking": bool}
+# reasoning_effort (OpenAI's field): none and minimal turn thinking off; the others set a thinking budget (README)
+REASONING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 1024  # each stop string is searched for after every token
 
 
@@ -51,6 +53,7 @@ class _Sampling(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    thinking_token_budget: int | None = None  # vLLM's name: most tokens of reasoning before </think> is forced
 
     def unsupported(self) -> str | None:
         """A field this server refuses (named in the 400), or None."""
@@ -96,7 +99,11 @@ class _Sampling(BaseModel):
                               min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
                               skip_special_tokens=self.skip_special_tokens,
                               include_stop_str_in_output=self.include_stop_str_in_output,
-                              output_kind="delta" if self.stream else "final_only", structured_outputs=grammar)
+                              output_kind="delta" if self.stream else "final_only", structured_outputs=grammar,
+                              thinking_token_budget=self.budget())
+
+    def budget(self) -> int | None:
+        return self.thinking_token_budget
 
 
 class ChatCompletionRequest(_Sampling):
@@ -109,6 +116,16 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     parallel_tool_calls: bool = True
     response_format: Any = None
+    reasoning_effort: str | None = None
+
+    def budget(self) -> int | None:
+        """thinking_token_budget, else reasoning_effort's budget."""
+        effort = self.reasoning_effort
+        if effort is not None and effort not in REASONING_BUDGETS:
+            raise FieldError("", "reasoning_effort", effort, f"expected one of {', '.join(REASONING_BUDGETS)}")
+        if self.thinking_token_budget is not None:
+            return self.thinking_token_budget
+        return None if effort is None else REASONING_BUDGETS[effort]
 
     def tool_use(self) -> ToolUse | None:
         """The tools and what tool_choice asks of them; None without tools."""
@@ -175,7 +192,10 @@ class ChatCompletionRequest(_Sampling):
                                  f"not accepted here (accepted: {', '.join(sorted(TEMPLATE_KWARGS))})")
             if not isinstance(value, TEMPLATE_KWARGS[name]):
                 raise FieldError("", f"chat_template_kwargs.{name}", value, "expected true or false")
-        return dict(given)
+        out = dict(given)
+        if self.budget() == 0:  # reasoning_effort none/minimal or a zero budget: the template's own "off"
+            out.setdefault("enable_thinking", False)
+        return out
 
     def params(self, defaults: dict, tool_use: ToolUse | None = None) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -313,7 +333,8 @@ class ChatChoice:
         if final:
             c, more = self.tools.flush()
             content, calls = content + c, calls + more
-        delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+        delta = {k: v for k, v in (("reasoning_content", reasoning), ("reasoning", reasoning), ("content", content))
+                 if v}  # the reasoning under both names: vLLM's older one and its newer one
         if calls:
             self.called = True
             delta["tool_calls"] = _merged(calls)
@@ -327,7 +348,7 @@ class ChatChoice:
         calls = delta.get("tool_calls", [])
         content = delta.get("content")
         message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content or "",
-                   "reasoning_content": delta.get("reasoning_content")}
+                   "reasoning_content": delta.get("reasoning_content"), "reasoning": delta.get("reasoning")}
         if calls:
             message["tool_calls"] = calls
         return message

@@ -20,6 +20,7 @@ class ServeConfig:
     max_waiting: int | None = None
     max_body_bytes: int = 64 * 2**20
     write_timeout_s: float = 30.0  # a client that reads nothing of its response for this long is dropped
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none: CORS off
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
