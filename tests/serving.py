@@ -1,5 +1,6 @@
 """A glm45v server in the test's process (a uvicorn thread on 127.0.0.1, a free port), for tests that talk HTTP."""
 
+import asyncio
 import base64
 import io
 import threading
@@ -29,6 +30,11 @@ class Server:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
+    def step_s(self) -> float:
+        """The engine's mean step so far (host and device): the unit of the bystander bound."""
+        s = self.llm.stats()
+        return (s.host_s + s.device_s) / max(1, s.steps)
+
     def idle(self, timeout=30.0) -> bool:
         """Wait until the engine holds no request and every block is free."""
         deadline = time.time() + timeout
@@ -51,6 +57,48 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url}/health did not answer 200 within {timeout:.0f} s")
+
+
+async def bystanders(url: str, probe, n: int = 6, tokens: int = 300, delay: float = 0.3):
+    """n streams of `tokens` tokens; `probe(http)` starts `delay` s in. -> (largest gap of any stream, the
+    probe's result, seconds the probe took). The probe must end while every stream still runs: a probe that lands
+    after the streams could not show a stall."""
+    async def one(http):
+        body = {"prompt": "count with me", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        times = []
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+        return max(b - a for a, b in zip(times[1:], times[2:])), times[-1]
+
+    async def side(http):
+        if probe is None:
+            return None, 0.0, 0.0
+        await asyncio.sleep(delay)
+        t = time.perf_counter()
+        result = await probe(http)
+        return result, time.perf_counter() - t, time.perf_counter()
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        *streams, (result, took, ended) = await asyncio.gather(*(one(http) for _ in range(n)), side(http))
+    if probe is not None:
+        assert ended < min(last for _, last in streams), "the probe outlasted the bystanders: give them more tokens"
+    return max(gap for gap, _ in streams), result, took
+
+
+def beside(srv: Server, probe, **streams) -> tuple:
+    """The probe run beside bystander streams, their bound checked against a calm run of the same streams:
+    largest gap <= calm + 2 engine steps (the serving issues' bound). -> (result, seconds, calm gap, loaded gap).
+    A gap of a few ms over the bound comes and goes on a busy 2-core machine (a collection, the client's own
+    work), so a miss is measured once more; a probe that stalls the engine misses both times."""
+    for _ in range(2):
+        calm, _, _ = asyncio.run(bystanders(srv.url, None, **streams))
+        loaded, result, took = asyncio.run(bystanders(srv.url, probe, **streams))
+        if loaded <= calm + 2 * srv.step_s():
+            return result, took, calm, loaded
+    raise AssertionError(f"bystanders' largest gap {loaded * 1e3:.1f} ms beside the probe, {calm * 1e3:.1f} ms calm "
+                         f"(bound: calm + 2 steps of {srv.step_s() * 1e3:.1f} ms)")
 
 
 def data_uri(image) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.sampling_params import MAX_CHOICES, MAX_SCHEMA_DEPTH, MAX_SCHEMA_NODES
-from tests.serving import Server, data_uri
+from tests.serving import Server, beside, data_uri
 from tests.tiny import make_vl_checkpoint, random_image
 
 USER = [{"role": "user", "content": "hello"}]
@@ -39,51 +39,6 @@ def server(ckpt):
     srv = Server(LLM(ckpt, block_size=4, kv_cache_gib=0.004, max_num_seqs=16, max_model_len=2048))
     yield srv
     srv.stop()
-
-
-def _step_s(srv) -> float:
-    s = srv.llm.stats()
-    return (s.host_s + s.device_s) / max(1, s.steps)
-
-
-async def _bystanders(url: str, probe, n: int = 6, tokens: int = 300, delay: float = 0.3):
-    """n streams of `tokens` tokens; `probe(http)` starts `delay` s in. -> (largest gap of any stream, the
-    probe's result, seconds the probe took). The probe must end while every stream still runs."""
-    async def one(http):
-        body = {"prompt": "count with me", "max_tokens": tokens, "ignore_eos": True, "stream": True}
-        times = []
-        async with http.stream("POST", "/v1/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    times.append(time.perf_counter())
-        return max(b - a for a, b in zip(times[1:], times[2:])), times[-1]
-
-    async def side(http):
-        if probe is None:
-            return None, 0.0, 0.0
-        await asyncio.sleep(delay)
-        t = time.perf_counter()
-        result = await probe(http)
-        return result, time.perf_counter() - t, time.perf_counter()
-
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        *streams, (result, took, ended) = await asyncio.gather(*(one(http) for _ in range(n)), side(http))
-    if probe is not None:
-        assert ended < min(last for _, last in streams), "the probe outlasted the bystanders: give them more tokens"
-    return max(gap for gap, _ in streams), result, took
-
-
-def _beside(srv, probe):
-    """The probe's result and time, having checked the bystanders' bound against a calm run. A gap of a few ms
-    over the bound comes and goes on a busy 2-core machine (a collection, the client's own work), so a miss is
-    measured once more, calm and probe again; a probe that stalls the engine misses both times."""
-    for _ in range(2):
-        calm, _, _ = asyncio.run(_bystanders(srv.url, None))
-        loaded, result, took = asyncio.run(_bystanders(srv.url, probe))
-        if loaded <= calm + 2 * _step_s(srv):
-            return result, took
-    raise AssertionError(f"bystanders' largest gap {loaded * 1e3:.1f} ms beside the probe, {calm * 1e3:.1f} ms calm "
-                         f"(bound: calm + 2 steps of {_step_s(srv) * 1e3:.1f} ms)")
 
 
 def _post(body, path="/v1/chat/completions"):
@@ -158,7 +113,7 @@ PROBES = {
                                   for name, c in PROBES.items()])
 def test_oversized_requests_are_refused_up_front_beside_bystanders(server, case):
     body, field, words = case
-    r, took = _beside(server, _post(body))
+    r, took, _, _ = beside(server, _post(body))
     _refused(r, field, words)
     assert took < 5.0, took
 
@@ -363,7 +318,7 @@ def test_a_wide_request_leaves_running_slots_to_others(server):
 
     first, wide = asyncio.run(main())
     assert wide.status_code == 200 and len(wide.json()["choices"]) == 16
-    assert first < 20 * _step_s(server) + 0.5, first  # started within a few steps, not after 300 x 2 rounds
+    assert first < 20 * server.step_s() + 0.5, first  # started within a few steps, not after 300 x 2 rounds
 
 
 # --- slow and greedy clients -------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ class GrammarState:
             return None
         return "close" if self.limit - len(output_ids) - 1 <= self.reserve else "think"
 
-    def fill(self, bitmask: torch.Tensor, row: int, rule: str, output_ids: list[int]) -> None:
+    def fill(self, bitmask: torch.Tensor, row: int, rule: str) -> None:
         if rule in ("grammar", "open") and self.matcher is not None:
             self.matcher.fill_next_token_bitmask(bitmask, row)
         if rule == "open" and self.think_open is not None:
@@ -252,7 +252,7 @@ class Grammars:
             if bitmask is None:
                 bitmask = xgr.allocate_token_bitmask(len(states), self.vocab_size)
             start = time.perf_counter()
-            state.fill(bitmask, i, rule, outputs[i])
+            state.fill(bitmask, i, rule)
             took = time.perf_counter() - start
             if took > MASK_BUDGET_S:  # this row is free this step; its request ends when its token comes back
                 bitmask[i] = -1

@@ -3,8 +3,8 @@
 Each step takes running sequences first (decodes and unfinished prefills, oldest first), then admits waiting
 ones, all within max_num_seqs sequences and max_num_batched_tokens new tokens. While sequences of another request
 wait, one request holds at most half the running slots (its `n` completions take turns; past its share, its newest
-sequence is preempted to make room), so a wide request never shuts the others out. When blocks run out the newest running sequence is preempted: its blocks are freed and it is
-recomputed later (never a crash, never a token lost).
+sequence is preempted to make room), so a wide request never shuts the others out. When blocks run out the newest
+running sequence is preempted: its blocks are freed and it is recomputed later (never a crash, never a token lost).
 """
 
 from __future__ import annotations
@@ -71,12 +71,11 @@ class Scheduler:
             budget -= n
         queue = list(self.waiting) if only is None else [s for s in self.waiting if s in only]
         held = Counter(s.request for s in self.running)
-        share = max(1, self.max_num_seqs // 2)
         several = len({s.request for s in self.waiting}) > 1
         for seq in queue:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if several and held[seq.request] >= share:
+            if several and held[seq.request] >= self.share:
                 continue  # its request has its share; another request's sequence goes first
             self.blocks.admit(seq)
             n = min(len(seq) - seq.num_computed, budget)
@@ -94,16 +93,20 @@ class Scheduler:
             budget -= n
         return batch
 
+    @property
+    def share(self) -> int:
+        """The running slots one request may hold while another request waits."""
+        return max(1, self.max_num_seqs // 2)
+
     def _make_room(self) -> None:
         """With every slot taken, each waiting request that holds less than its share gets one slot from a request
         over its share (that request's newest sequence is preempted, recomputed later): a request that came when
         the server was idle and took every slot (n = max_num_seqs) does not keep the next one waiting for it."""
         if len(self.running) < self.max_num_seqs or not self.waiting:
             return
-        share = max(1, self.max_num_seqs // 2)
         held = Counter(s.request for s in self.running)
-        for request in dict.fromkeys(s.request for s in self.waiting if held[s.request] < share):
-            over = [s for s in self.running if held[s.request] > share]
+        for request in dict.fromkeys(s.request for s in self.waiting if held[s.request] < self.share):
+            over = [s for s in self.running if held[s.request] > self.share]
             if not over:
                 return
             held[over[-1].request] -= 1

@@ -2,9 +2,9 @@
 (bf16, fp16, fp32, FP8, int8 with their scales), the routed experts in two calls per layer, and decode attention
 read straight from the paged cache.
 
-They are compiled once per machine on first use (torch's C++ extension builder, `-march=native`, ninja), into
-`$GLM45V_KERNEL_CACHE` (default: the glm45v-npu cache folder's `kernels/`), keyed by the source, torch and the
-CPU's instruction sets. Without a C++ compiler the twins serve, with one warning. Each function here has a twin's
+They are compiled once per machine, when the first engine starts (`ops.prepare`; torch's C++ extension builder,
+`-march=native`, ninja), into `$GLM45V_KERNEL_CACHE` (default: the glm45v-npu cache folder's `kernels/`), keyed
+by the source, torch and the CPU's instruction sets. Without a C++ compiler the twins serve, with one warning. Each function here has a twin's
 signature and hands calls it does not serve (prefill-size batches, schemes it does not read) to that twin; ops.py
 wraps them in a first-call self-check against the twin, as with the NPU's fast ops.
 """

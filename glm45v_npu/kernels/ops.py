@@ -1,7 +1,7 @@
 """Which implementation each op takes, decided per device type in this one place.
 
-cpu: the native CPU kernels (kernels/cpu.py: decode-size matmuls, routed experts and decode attention, built on
-first use) where they exist, each a SelfChecked wrapper proven against its twin on its first real call of each
+cpu: the native CPU kernels (kernels/cpu.py: decode-size matmuls, routed experts and decode attention, built when
+an engine starts: prepare) where they exist, each a SelfChecked wrapper proven against its twin on its first real call of each
 kind; the torch twins for everything else. cuda: the Triton kernels (ops without one run their twin). npu:
 torch_npu fused ops where they exist, each a SelfChecked wrapper that proves itself against the twin on its first
 real call (per kind of call) and otherwise hands over to the portable path, the same Triton kernels through

@@ -26,6 +26,11 @@ class ApiError(Exception):
 
 
 def validated(body: bytes, model_name: str, model: type[BaseModel]) -> Any:
+    return _validated(decoded(body), model_name, model)
+
+
+def decoded(body: bytes) -> dict:
+    """The body's JSON object, or an ApiError saying why it is not one."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -34,6 +39,10 @@ def validated(body: bytes, model_name: str, model: type[BaseModel]) -> Any:
         raise ApiError(400, f"the body is JSON this server does not read ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    return data
+
+
+def _validated(data: dict, model_name: str, model: type[BaseModel]) -> Any:
     where = lone_surrogate(data)
     if where is not None:
         raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate (not a character)", param=where)
@@ -102,9 +111,9 @@ def refusal(body: bytes, model_name: str, model: type[BaseModel], defaults: dict
             max_model_len: int) -> tuple | None:
     """In the checking process: why the body is refused (ApiError's arguments), or None to read it for real."""
     try:
-        req = validated(body, model_name, model)
-        req.prepared(defaults, max_model_len)
-        if count_objects(json.loads(body), MAX_BODY_OBJECTS) > MAX_BODY_OBJECTS:
+        data = decoded(body)
+        _validated(data, model_name, model).prepared(defaults, max_model_len)
+        if count_objects(data, MAX_BODY_OBJECTS) > MAX_BODY_OBJECTS:
             return 400, f"the body holds more than {MAX_BODY_OBJECTS} objects, arrays and strings (the limit)"
     except ApiError as e:
         return e.status, e.message, e.kind, e.param, e.code
