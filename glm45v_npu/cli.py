@@ -249,6 +249,8 @@ def main_options(
     logger.propagate = False
 
 
+DRAW_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
 # --- chat --------------------------------------------------------------------------------------------------
 
 @app.command(cls=Command)
@@ -267,7 +269,9 @@ def chat(
     system_prompt: Annotated[str | None, Opt("--system-prompt", metavar="TEXT", help="system message")] = None,
     think: Annotated[bool | None, Opt("--think/--no-think", help="reason before answering (default: the chat "
                                       "template's, on for GLM-4.5V)", show_default=False)] = None,
-    as_json: Annotated[bool, Opt("--json", help="print a machine-readable result")] = False,
+    as_json: Annotated[bool, Opt("--json", help="print a machine-readable result (boxes in pixels)")] = False,
+    draw: Annotated[Path | None, Opt("--draw", metavar="OUT.png", help="write the image with the answer's "
+                                     "grounding boxes drawn (each answer that has boxes)")] = None,
     engine: EngineConfig = None,
     sampling: dict = None,
 ) -> None:
@@ -276,6 +280,8 @@ def chat(
     from .apps.chat import ChatSession, checked
 
     words = list(words or [])
+    require(draw is None or draw.suffix.lower() in DRAW_SUFFIXES,
+            f"--draw {draw}: name an image file ({', '.join(sorted(DRAW_SUFFIXES))})")
     require(not (words and prompt is not None), "give the prompt either as --prompt or as an argument, not both")
     if words:
         prompt = words[0]
@@ -285,7 +291,7 @@ def chat(
     pending = [checked("image", p) for p in image or []] + [checked("video", p) for p in video or []]
     llm = _llm(engine)
     session = ChatSession(llm, llm.engine.default_sampling_params(**sampling), system_prompt, think, as_json,
-                          one_shot=prompt is not None, out=out, err=err)
+                          one_shot=prompt is not None, out=out, err=err, draw=str(draw) if draw else None)
     session.pending = pending
     if prompt is not None:
         session.turn(prompt)
@@ -374,6 +380,8 @@ def caption(
     overwrite: Annotated[bool, Opt("--overwrite/--resume", help="start the output afresh, or skip the paths "
                                    "already in it")] = False,
     think: Annotated[bool, Opt("--think/--no-think", help="reason before answering (slower)")] = False,
+    draw: Annotated[Path | None, Opt("--draw", metavar="DIR", help="write each image whose answer has grounding "
+                                     "boxes, with them drawn, into DIR")] = None,
     shard: Annotated[str | None, Opt("--shard", metavar="I/N", help="caption only the inputs whose path hashes to "
                                      "shard I of N, into OUT.parts/shard-I-of-N.jsonl (a later run without "
                                      "--shard captions what is missing and merges the parts into OUT)")] = None,
@@ -384,6 +392,7 @@ def caption(
     from .apps import caption as cap
 
     require(batch >= 1, f"--batch {batch}: must be >= 1")
+    require(draw is None or not draw.is_file(), f"--draw {draw}: is a file; name a folder")
     paths = cap.collect_inputs(inputs, recursive)
     part = cap.parse_shard(shard) if shard else None
     merging = part is None and cap.parts_dir(out_file).is_dir()
@@ -401,7 +410,7 @@ def caption(
         llm = _llm(replace(engine, max_num_seqs=batch))
         params = llm.engine.default_sampling_params(**sampling)
         code = cap.run_caption(llm, mine, target, prompt, params, batch, overwrite, thinking=think,
-                               system_prompt=system_prompt, console=err)
+                               system_prompt=system_prompt, console=err, draw=draw)
     else:
         err.print(f"nothing to caption: every input of {'this shard' if part else 'the run'} is done", markup=False)
     if merging and code == 0:
@@ -436,9 +445,11 @@ def serve(
     allowed_origins: Annotated[list[str] | None, Opt("--allowed-origins", metavar="ORIGIN", help="let web pages "
                                                      "of ORIGIN call the API (CORS; repeat it, '*' for any, or "
                                                      "vLLM's JSON list); off by default")] = None,
+    no_ui: Annotated[bool, Opt("--no-ui", help="serve the API only, without the chat page at /")] = False,
     engine: EngineConfig = None,
 ) -> None:
-    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)
+    and a chat page at /."""
     import uvicorn
 
     from .server.app import build_app
@@ -456,7 +467,7 @@ def serve(
     config = ServeConfig(served_model_name or engine.model, api_key=api_key, max_waiting=max_waiting,
                          max_body_bytes=max_body_mb * 2**20,
                          media=MediaPolicy(allowed_local_media_path, allow_remote_media, allow_private_media_hosts),
-                         allowed_origins=_origins(allowed_origins or []))
+                         allowed_origins=_origins(allowed_origins or []), ui=not no_ui)
     app = build_app(llm, config)
 
     class Server(uvicorn.Server):
@@ -469,7 +480,8 @@ def serve(
                 timer.start()
             super().handle_exit(sig, frame)
 
-    err.print(f"[dim]serving {escape(config.model_name)} on http://{escape(host)}:{port}/v1[/dim]")
+    err.print(f"[dim]serving {escape(config.model_name)} on http://{escape(host)}:{port}/v1"
+              + ("" if no_ui else f"; the chat page at http://{escape(host)}:{port}/") + "[/dim]")
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled: a graceful stop exits 0
         signal.signal(sig, lambda *_: None)
     Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace,

@@ -25,6 +25,24 @@ class ToolCall:
 
 
 @dataclass
+class Box:
+    """One box or point of an answer. `norm` is GLM's 0-1000 scale, clamped, as fractions (0-1) of the width
+    (x) and height (y); `pixels` the same in the referred image's pixels (as the user sees it: EXIF orientation
+    applied, before any resize), None when no image size is known; `image` its index among the request's images;
+    `span` the [start, end) of its bracket text in the text it was parsed from."""
+
+    kind: str  # "box" or "point"
+    norm: tuple[float, ...]
+    pixels: tuple[int, ...] | None
+    image: int | None
+    span: tuple[int, int]
+
+    def as_dict(self) -> dict:
+        return {"type": self.kind, "norm": list(self.norm), "pixels": list(self.pixels) if self.pixels else None,
+                "image": self.image, "span": list(self.span)}
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -34,6 +52,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for eos
     tool_calls: list[ToolCall] | None = None  # LLM.chat(tools=...): the calls parsed from the text
+    boxes: list[Box] | None = None  # once finished: the answer's grounding boxes and points (engine/answer.py)
 
 
 @dataclass
@@ -59,3 +78,4 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when the request was rejected or the engine ended it (the others go on)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # the prompt's images, (width, height)

@@ -9,6 +9,7 @@ import time
 import httpx
 import uvicorn
 
+from glm45v_npu.engine.sampler import Sampled
 from glm45v_npu.parallel.layout import free_port
 from glm45v_npu.server.app import build_app
 from glm45v_npu.server.state import ServeConfig
@@ -44,6 +45,25 @@ class Server:
                 return True
             time.sleep(0.05)
         return False
+
+
+class ScriptedSampler:
+    """Samples a fixed script, so the tiny random model writes a known answer: each part is text (tokenized) or a
+    special token's name in TOKEN_IDS; eos follows. `delay_s` per step makes a stream slow enough to stop."""
+
+    def __init__(self, tokenizer, *parts: str, delay_s: float = 0.0):
+        from glm45v_npu.testing.tiny_random import TOKEN_IDS
+
+        self.script = [t for part in parts for t in ([TOKEN_IDS[part]] if part in TOKEN_IDS
+                                                    else tokenizer.encode(part, add_special_tokens=False))]
+        self.script.append(TOKEN_IDS["<|endoftext|>"])
+        self.delay_s = delay_s
+
+    def __call__(self, logits, params, generators, history, prompt_lens=None, suppress=None, allowed=None):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        tokens = [self.script[min(len(h) - n, len(self.script) - 1)] for h, n in zip(history, prompt_lens)]
+        return Sampled(tokens, [-0.5] * len(tokens), [1] * len(tokens), [None] * len(tokens))
 
 
 def wait_healthy(url: str, timeout: float = 120.0) -> None:

@@ -17,7 +17,11 @@ BIN = Path(sys.executable).with_name("glm45v")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ, GLM45V_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1")
+    from glm45v_npu.kernels.cpu import cache_folder
+
+    # a fresh cache for models, the session's for the native CPU kernels (built once, not again per run here)
+    e = dict(os.environ, GLM45V_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1",
+             GLM45V_KERNEL_CACHE=str(cache_folder()))
     subprocess.run([str(BIN), "info", "--model", "tiny-random"], env=e, check=True, capture_output=True)
     return e
 

@@ -123,7 +123,7 @@ def test_bad_images_name_the_file(tmp_path):
 
 def test_parse_answer_unwraps_think_and_box():
     p = parse_answer("<think>look at it</think>It is <|begin_of_box|>[10,20,30,40]<|end_of_box|>.")
-    assert (p.reasoning, p.answer, p.boxes) == ("look at it", "It is [10,20,30,40].", ["[10,20,30,40]"])
+    assert (p.reasoning, p.answer) == ("look at it", "It is [10,20,30,40].")
     assert parse_answer("pre-filled think</think> B").reasoning == "pre-filled think"
     assert parse_answer("plain").answer == "plain" and parse_answer("plain").reasoning == ""
 

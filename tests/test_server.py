@@ -16,11 +16,9 @@ import httpx
 import pytest
 
 from glm45v_npu import LLM, SamplingParams
-from glm45v_npu.engine.sampler import Sampled
 from glm45v_npu.parallel.layout import free_port
 from glm45v_npu.server.media_policy import MediaPolicy
-from glm45v_npu.testing.tiny_random import TOKEN_IDS
-from tests.serving import Server, data_uri, wait_healthy
+from tests.serving import ScriptedSampler, Server, data_uri, wait_healthy
 from tests.tiny import make_vl_checkpoint, random_image
 
 KEY = "test-key"
@@ -74,22 +72,14 @@ def test_chat_with_a_base64_image_equals_llm_generate(client, server, ckpt):
     assert again.usage.prompt_tokens_details.cached_tokens > 0  # the prefix cache served the repeated prompt
 
 
-class ScriptedSampler:
-    """Samples a fixed script (so the tiny model 'thinks'): <think>, reasoning, </think>, answer, a box, eos."""
-
-    def __init__(self, tokenizer):
-        t = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.script = ([TOKEN_IDS["<think>"]] + t("let me see") + [TOKEN_IDS["</think>"]] + t("It is ")
-                       + [TOKEN_IDS["<|begin_of_box|>"]] + t("42") + [TOKEN_IDS["<|end_of_box|>"]]
-                       + [TOKEN_IDS["<|endoftext|>"]])
-
-    def __call__(self, logits, params, generators, history, prompt_lens=None, suppress=None, allowed=None):
-        tokens = [self.script[min(len(h) - n, len(self.script) - 1)] for h, n in zip(history, prompt_lens)]
-        return Sampled(tokens, [-0.5] * len(tokens), [1] * len(tokens), [None] * len(tokens))
+def thinking_script(tokenizer) -> ScriptedSampler:
+    """<think>, reasoning, </think>, the answer with a box, eos."""
+    return ScriptedSampler(tokenizer, "<think>", "let me see", "</think>", "It is ", "<|begin_of_box|>", "42",
+                           "<|end_of_box|>")
 
 
 def test_streaming_splits_reasoning_from_content(client, server, monkeypatch):
-    monkeypatch.setattr(server.llm.engine, "sampler", ScriptedSampler(server.llm.engine.processor.tokenizer))
+    monkeypatch.setattr(server.llm.engine, "sampler", thinking_script(server.llm.engine.processor.tokenizer))
     stream = client.chat.completions.create(model="glm45v-test", messages=[{"role": "user", "content": "q"}],
                                             max_tokens=40, stream=True, stream_options={"include_usage": True})
     reasoning, content, finish, usage, newer = "", "", None, None, ""
@@ -285,6 +275,7 @@ def test_the_serve_command_builds_a_server_that_answers(ckpt, monkeypatch):
             other = client.options("/v1/chat/completions", headers={
                 "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
             seen["other origin"] = other.headers.get("access-control-allow-origin")
+            seen["page"] = client.get("/").status_code
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # pytest keeps its own Ctrl-C
@@ -292,7 +283,33 @@ def test_the_serve_command_builds_a_server_that_answers(ckpt, monkeypatch):
                                  "--allowed-origins", '["https://app.example"]'])
     assert r.exit_code == 0, r.output
     assert seen == {"health": 200, "chat": 200, "big": 413, "preflight": (200, "https://app.example"),
-                    "other origin": None}, seen
+                    "other origin": None, "page": 200}, seen
+
+
+def test_no_ui_serves_no_page_and_imports_nothing_for_it(ckpt, monkeypatch):
+    """--no-ui: / is not served (nor exempt from the key) and the page's module is never imported."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from glm45v_npu.cli import app
+
+    seen = {}
+
+    def run(self):
+        with TestClient(self.config.app) as client:
+            seen["page"] = client.get("/").status_code
+            seen["page with key"] = client.get("/", headers={"Authorization": f"Bearer {KEY}"}).status_code
+            seen["asset"] = client.get("/ui/static/app.js").status_code
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)
+    r = CliRunner().invoke(app, ["serve", "--model", str(ckpt), "--no-ui", "--api-key", KEY])
+    assert r.exit_code == 0, r.output
+    assert seen == {"page": 401, "page with key": 404, "asset": 401}, seen
+    code = ("import sys; from glm45v_npu.server.app import build_app; import glm45v_npu.cli; "
+            "print('glm45v_npu.server.routes_ui' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
 @pytest.mark.slow

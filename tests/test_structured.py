@@ -115,6 +115,45 @@ def test_json_schema_parse_helper_with_thinking_on(client):
         assert isinstance(r.choices[0].message.parsed, Answer), r.choices[0].message.content
 
 
+ANSWER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                          "rain": {"$ref": "#/$defs/chance"}},
+          "required": ["city", "rain"], "additionalProperties": False,
+          "$defs": {"chance": {"type": "integer", "minimum": 0, "maximum": 100}}}
+
+
+@pytest.mark.parametrize("extra", [NO_THINK, {}], ids=["thinking off", "thinking on (the default)"])
+def test_tools_beside_a_schema_call_or_answer_in_it(client, server, extra):
+    """tools (auto) with response_format: each reply is valid calls or an answer that meets the schema (its
+    $defs reached from inside the union), whole and streamed; both happen."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER, "strict": True}}
+    kinds = set()
+    for seed in range(8):
+        body = dict(model=MODEL, messages=[{"role": "user", "content": "rain in Oslo?"}], tools=TOOLS,
+                    parallel_tool_calls=False,
+                    response_format=fmt, temperature=1, seed=seed, max_tokens=200, extra_body=extra)
+        whole = client.chat.completions.create(**body).choices[0]
+        state = ChatCompletionStreamState()
+        for chunk in client.chat.completions.create(**body, stream=True):
+            state.handle_chunk(chunk)
+        streamed = state.get_final_completion().choices[0]
+        for choice in (whole, streamed):
+            if choice.message.tool_calls:
+                assert choice.finish_reason == "tool_calls" and not choice.message.content
+                _valid_calls(choice.message.tool_calls)
+                kinds.add("calls")
+            else:
+                assert choice.finish_reason == "stop", choice
+                jsonschema.validate(json.loads(choice.message.content), ANSWER)
+                kinds.add("answer")
+        same = [(m.content or "", [(c.function.name, c.function.arguments) for c in m.tool_calls or []])
+                for m in (whole.message, streamed.message)]
+        assert same[0] == same[1]  # the same seed, the same reply
+    assert kinds == {"calls", "answer"}, kinds
+    assert server.idle()
+
+
 def _random_schema(rng: random.Random, depth: int = 0) -> dict:
     kind = rng.choice(["object", "array", "enum", "integer", "number", "string", "boolean"] if depth < 2
                       else ["enum", "integer", "number", "string", "boolean"])
@@ -460,7 +499,7 @@ def test_bad_structured_outputs_are_named():
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "guided_regex": "a+"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"structured_outputs": {"regex": "a+", "jsn": {}}}, "structured_outputs.jsn"),
     ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),

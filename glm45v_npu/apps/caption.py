@@ -19,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..engine.answer import parse_answer
+from ..engine.answer import parse_answer, parse_boxes
 from ..errors import Glm45vError
 from ..inputs.video import VIDEO_SUFFIXES
+from .draw import draw_boxes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_FILE_BYTES = 64 * 2**20
@@ -190,8 +191,10 @@ def _check_file(path: str) -> None:
 
 
 def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: int, overwrite: bool,
-                thinking: bool | None, console: Console, system_prompt: str | None = None) -> int:
-    """Returns the exit code: 0 when done, 130 when interrupted."""
+                thinking: bool | None, console: Console, system_prompt: str | None = None,
+                draw: Path | None = None) -> int:
+    """Returns the exit code: 0 when done, 130 when interrupted. Boxes go in the records in pixels; with `draw`
+    each image whose answer has boxes is also written there with them drawn."""
     if overwrite and out.exists():
         out.unlink()
     done = _done_paths(out)
@@ -247,8 +250,11 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
                               "finish_reason": completion.finish_reason, "seconds": round(time.perf_counter() - t0, 3)}
                     if parsed.reasoning:
                         record["reasoning"] = parsed.reasoning
-                    if parsed.boxes:
-                        record["boxes"] = parsed.boxes
+                    boxes = parse_boxes(completion.text, result.image_sizes)
+                    if boxes:
+                        record["boxes"] = [b.as_dict() for b in boxes]
+                        if draw is not None and media_kind(path) == "image":
+                            record["drawn"] = _drawn(path, boxes, draw)
                     stats["prompt_tokens"] += record["prompt_tokens"]
                     stats["completion_tokens"] += record["completion_tokens"]
                     write(record)
@@ -260,6 +266,16 @@ def run_caption(llm, paths: list[str], out: Path, prompt: str, params, batch: in
                 llm.step()
     _summary(console, stats, time.perf_counter() - start, len(paths) - len(todo), out, interrupted)
     return 130 if interrupted else 0
+
+
+def _drawn(path: str, boxes: list, folder: Path) -> str | None:
+    """The annotated copy of one input, named after it (and its path's hash: inputs in different folders may
+    share a name); a copy that cannot be written is said in the record, the run goes on."""
+    target = folder / f"{Path(path).stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}.png"
+    try:
+        return str(draw_boxes(path, boxes, target))
+    except Glm45vError as e:
+        return f"not drawn: {e}"
 
 
 def _summary(console: Console, stats: dict, seconds: float, skipped: int, out: Path, interrupted: bool) -> None:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
+
+from ..outputs import Box
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 BOX_OPEN, BOX_CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
@@ -15,7 +18,6 @@ class ParsedAnswer:
     raw: str
     reasoning: str = ""
     answer: str = ""
-    boxes: list[str] = field(default_factory=list)
 
 
 def parse_answer(raw: str) -> ParsedAnswer:
@@ -24,7 +26,6 @@ def parse_answer(raw: str) -> ParsedAnswer:
         raw,
         reasoning="".join(text for kind, text in segments if kind == "reasoning").strip(),
         answer="".join(text for kind, text in segments if kind != "reasoning").strip(),  # boxes unwrapped in place
-        boxes=[text.strip() for kind, text in segments if kind == "box"],
     )
 
 
@@ -105,3 +106,67 @@ def split_reasoning(text: str, breaks: tuple[str, ...] = ()) -> tuple[str, str]:
     a, b = stream.feed(text)
     c, d = stream.flush()
     return a + c, b + d
+
+
+# --- grounding -------------------------------------------------------------------------------------------------
+# GLM-4.5V writes a box as [x1,y1,x2,y2] and a point as [x,y], each value the fraction of the image's width or
+# height times 1000; several in one marker pair ([[...],[...]]), in any of the bracket styles below.
+_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_GROUP = re.compile(r"[\[\(<]" + ",".join([_NUMBER] * 2) + r"(?:," + ",".join([_NUMBER] * 2) + r")?[\]\)>]")
+SCALE = 1000
+
+
+def answer_ranges(text: str) -> list[tuple[int, int]]:
+    """The [start, end) ranges of `text` that are answer, not reasoning: outside <think>...</think> (an unclosed
+    one runs to the end; a </think> never opened closes reasoning the template began)."""
+    ranges, at = [], 0
+    first_close, first_open = text.find(THINK_CLOSE), text.find(THINK_OPEN)
+    if first_close != -1 and (first_open == -1 or first_close < first_open):
+        at = first_close + len(THINK_CLOSE)
+    while at < len(text):
+        opened = text.find(THINK_OPEN, at)
+        if opened == -1:
+            ranges.append((at, len(text)))
+            break
+        ranges.append((at, opened))
+        closed = text.find(THINK_CLOSE, opened)
+        if closed == -1:
+            break
+        at = closed + len(THINK_CLOSE)
+    return [(a, b) for a, b in ranges if b > a]
+
+
+def parse_boxes(text: str, image_sizes: list[tuple[int, int]] | None = None) -> list[Box]:
+    """The boxes and points of an answer, inside <|begin_of_box|>...<|end_of_box|> (an unclosed one at the end of
+    a cut stream counts up to the end), reasoning left out. They refer to the last image of the request (with
+    several images in a turn the answer does not say which; the latest is what a user asks about). Text between
+    the markers that is not a box is left as text."""
+    sizes = list(image_sizes or [])
+    image = len(sizes) - 1 if sizes else None
+    size = sizes[-1] if sizes else None
+    out = []
+    for start, end in answer_ranges(text):
+        at = start
+        while True:
+            opened = text.find(BOX_OPEN, at, end)
+            if opened == -1:
+                break
+            inner = opened + len(BOX_OPEN)
+            closed = text.find(BOX_CLOSE, inner, end)
+            stop = end if closed == -1 else closed
+            for m in _GROUP.finditer(text, inner, stop):
+                values = [float(v) for v in m.groups() if v is not None]
+                out.append(_box(values, size, image, m.span()))
+            at = end if closed == -1 else closed + len(BOX_CLOSE)
+    return out
+
+
+def _box(values: list[float], size: tuple[int, int] | None, image: int | None, span: tuple[int, int]) -> Box:
+    frac = [min(max(v, 0.0), SCALE) / SCALE for v in values]
+    if len(frac) == 4:  # corners in either order
+        frac = [min(frac[0], frac[2]), min(frac[1], frac[3]), max(frac[0], frac[2]), max(frac[1], frac[3])]
+    pixels = None
+    if size is not None:
+        w, h = size
+        pixels = tuple(round(f * (w if i % 2 == 0 else h)) for i, f in enumerate(frac))
+    return Box("box" if len(frac) == 4 else "point", tuple(frac), pixels, image, span)

@@ -155,7 +155,7 @@ class Engine:
             raise Glm45vError(f"request id {request_id!r} is already in use")
         n = len(enc.token_ids)
         req = Request(request_id, enc.prompt, list(enc.token_ids), params, [],
-                      RequestMetrics(arrival_time=time.perf_counter()))
+                      RequestMetrics(arrival_time=time.perf_counter()), image_sizes=list(enc.image_sizes))
         for i in range(params.n):
             seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images, request=request_id)
             if enc.grammar is not None:

@@ -4,10 +4,11 @@ outputs have reported so far, and how a request becomes a RequestOutput."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
+from .answer import parse_boxes
 from .detokenizer import IncrementalDetokenizer
 from .sequence import Sequence, Status
 
@@ -36,6 +37,7 @@ class Request:
     num_cached_tokens: int = 0
     error: str | None = None  # why the engine ended it (a step that failed with it alone)
     strikes: int = 0  # steps that failed with only this request in them, in a row
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -58,10 +60,11 @@ class Request:
                 index=c.index, text=c.text[x0:], token_ids=seq.output_ids[t0:],
                 cumulative_logprob=sum(seq.logprobs) if c.logprobs is not None else None,
                 logprobs=c.logprobs[t0:] if c.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=c.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=c.stop_reason,
+                boxes=parse_boxes(c.text, self.image_sizes) if seq.finish_reason else None))
             c.sent_tokens, c.sent_text = seq.num_output, len(c.text)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             self.metrics, self.num_cached_tokens, error=self.error)
+                             self.metrics, self.num_cached_tokens, error=self.error, image_sizes=self.image_sizes)
 
 
 def derived_seed(seed: int, index: int) -> int:

@@ -4,7 +4,8 @@ The model calls a function as `<tool_call>{name}\\n<arg_key>{key}</arg_key>\\n<a
 </tool_call>` (string values raw, others JSON); the content is the text before the first call. Arguments are
 coerced by the tool's JSON schema: a `string` parameter stays raw, others are `json.loads`ed, else kept raw.
 `tool_choice: "required"` and a named function are grammars instead (vLLM's way): a JSON array of
-{"name", "parameters"} objects, or that function's parameters; the calls are read back from that JSON.
+{"name", "parameters"} objects, or that function's parameters; the calls are read back from that JSON. Tools under
+`auto` beside a JSON answer format (response_format) are one grammar: that array, or the answer.
 """
 
 from __future__ import annotations
@@ -206,6 +207,58 @@ def required_grammar(tools: dict[str, dict], parallel: bool) -> StructuredOutput
     return StructuredOutputsParams(json=schema, origin="tool_choice")
 
 
+def calls_or_answer_grammar(tools: dict[str, dict], parallel: bool,
+                            answer: StructuredOutputsParams) -> StructuredOutputsParams:
+    """tools under auto beside a JSON answer format: the reply is the calls (required's array) or the answer,
+    one JSON schema (anyOf; the answer's $defs lifted to the root, where its references point)."""
+    schema = dict(answer.value)
+    defs = {k: schema.pop(k) for k in ("$defs", "definitions") if k in schema}
+    union = {"anyOf": [required_grammar(tools, parallel).json, schema], **defs}
+    return StructuredOutputsParams(json=union, strict=answer.strict, origin=answer.origin)
+
+
+def is_calls_reply(text: str, tools: dict[str, dict], answer: StructuredOutputsParams) -> bool | None:
+    """Whether a calls-or-answer reply is the calls: a reply opening with `[` is, unless the answer may be an array
+    itself, when the whole reply decides (None: not yet known)."""
+    s = text.lstrip()
+    if not s:
+        return None
+    if s[0] != "[":
+        return False
+    if answer.value.get("type") != "array" and "array" not in (answer.value.get("type") or []):
+        return True
+    try:
+        value = json.loads(s)
+    except ValueError:
+        return None
+    return bool(value) and all(isinstance(c, dict) and set(c) == {"name", "parameters"} and c["name"] in tools
+                               for c in value)
+
+
+class CallsOrAnswerStream:
+    """A calls-or-answer reply as it streams: the calls (as required's stream sends them) or the answer as content;
+    held back until the reply shows which."""
+
+    def __init__(self, tools: dict[str, dict], answer: StructuredOutputsParams):
+        self.tools, self.answer = tools, answer
+        self.held, self.inner = "", None
+
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
+        if self.inner is None:
+            self.held += text
+            calls = is_calls_reply(self.held, self.tools, self.answer)
+            if calls is None:
+                return "", []
+            self.inner, text, self.held = (RequiredCallsStream() if calls else PlainStream()), self.held, ""
+        return self.inner.feed(text)
+
+    def flush(self) -> tuple[str, list[CallDelta]]:
+        if self.inner is None:  # never decided: what there is, is content
+            self.inner, held, self.held = PlainStream(), self.held, ""
+            return held, []
+        return self.inner.flush()
+
+
 def named_grammar(tools: dict[str, dict], name: str) -> StructuredOutputsParams:
     return StructuredOutputsParams(json=tools[name], origin=f"tools[{list(tools).index(name)}].function.parameters")
 
@@ -305,20 +358,25 @@ class ToolUse:
     name: str | None = None
     parallel: bool = True
     raw: list = field(default_factory=list)  # the tools as given: what the chat template renders
+    answer: StructuredOutputsParams | None = None  # under auto: a JSON format a reply that calls nothing must meet
 
     @property
     def breaks(self) -> tuple[str, ...]:
         """Markers that end the reasoning: a call the model starts while thinking (auto only)."""
-        return (CALL_OPEN,) if self.mode == "auto" else ()
+        return (CALL_OPEN,) if self.mode == "auto" and self.answer is None else ()
 
     def grammar(self) -> StructuredOutputsParams | None:
         if self.mode == "required":
             return required_grammar(self.tools, self.parallel)
         if self.mode == "named":
             return named_grammar(self.tools, self.name)
+        if self.mode == "auto" and self.answer is not None:
+            return calls_or_answer_grammar(self.tools, self.parallel, self.answer)
         return None
 
     def stream(self):
+        if self.mode == "auto" and self.answer is not None:
+            return CallsOrAnswerStream(self.tools, self.answer)
         if self.mode == "auto":
             return ToolCallStream(self.tools, self.parallel)
         if self.mode == "named":
@@ -331,8 +389,11 @@ class ToolUse:
         """An answer's content -> (content, calls) under this mode."""
         if self.mode == "none":
             return content, []
-        if self.mode in ("required", "named"):
+        if self.mode in ("required", "named") or (self.answer is not None
+                                                   and is_calls_reply(content, self.tools, self.answer)):
             calls = calls_from_json(content, self.name)
             return (None if calls else content), calls
+        if self.answer is not None:
+            return content, []
         text, calls = parse_tool_calls(content, self.tools)
         return text, calls if self.parallel else calls[:1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ class EncodedPrompt:
     delta: int
     prompt: str | None = None  # the text the ids came from, when there was one
     grammar: Any = None  # the engine's compiled structured-output grammar, when the request has one
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) as the user sees each
 
 
 class Processor:
@@ -205,11 +206,12 @@ class Processor:
             raise Glm45vError(f"the request has {len(videos)} videos; limit_mm_per_prompt allows {self.max_videos}")
         if videos and self.tokenizer is None:
             raise Glm45vError(f"{self.cfg.source}: videos need the checkpoint's tokenizer (for frame timestamps)")
-        image_parts, budget = [], self.max_request_pixels
+        image_parts, sizes, budget = [], [], self.max_request_pixels
         for k, source in enumerate(images):  # one at a time: one decoded image in memory at once
             name = describe_media(source, k)
             image = open_image(source, name, self.max_source_pixels)
             budget -= image.width * image.height
+            sizes.append(image.size)
             if budget < 0:
                 raise Glm45vError(f"{name}: the request's images are over {self.max_request_pixels:,} pixels in all")
             pixels, grids = preprocess_images([image], self.image_processor, [name])
@@ -240,7 +242,7 @@ class Processor:
             prev = where + 1
         out.extend(ids[prev:])
         positions, delta = mrope_positions(out, image_id, all_grids, self.merge)
-        return EncodedPrompt(out, spans, positions, delta)
+        return EncodedPrompt(out, spans, positions, delta, image_sizes=sizes)
 
     def _video(self, source, index: int):
         from .video import read_video

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API over one LLM: /v1/chat/completions, /v1/completions, /v1/models, /health,
-/metrics. Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status,
+"""The OpenAI-compatible HTTP API over one LLM: /v1/chat/completions, /v1/responses, /v1/completions, /v1/models, /health,
+/metrics, and the chat page at / (unless --no-ui). Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status,
 never a traceback; a client that goes away has its request aborted within one engine step.
 
 build_app wires the rooms together: the state every route shares (state.py), the guard in front of every
@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..sampling_params import StructuredOutputsParams, schema_checks_apart
-from . import body_check, routes_chat, routes_completions, routes_info
+from . import body_check, routes_chat, routes_completions, routes_info, routes_responses
 from .engine_loop import EngineLoop
 from .guard import Guard
 from .http import install_error_handlers
@@ -51,6 +51,10 @@ def build_app(llm, config: ServeConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
     install_error_handlers(app, metrics)
-    for router in (routes_info.router, routes_chat.router, routes_completions.router):
+    for router in (routes_info.router, routes_chat.router, routes_completions.router, routes_responses.router):
         app.include_router(router)
+    if config.ui:
+        from . import routes_ui
+
+        app.include_router(routes_ui.router)
     return app

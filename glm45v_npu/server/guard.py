@@ -70,7 +70,7 @@ class Guard:
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple | None:
         key = self.config.api_key
-        if key is not None and scope["path"] != "/health":
+        if key is not None and not self._public(scope):
             given = headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), key.encode()):
@@ -85,6 +85,12 @@ class Guard:
             if length.isdigit() and int(length) > self.config.max_body_bytes:  # not worth reading to say so
                 return self._too_large()
         return None
+
+    def _public(self, scope: Scope) -> bool:
+        """/health, and with the chat page its page and assets (what it asks of the server needs the key)."""
+        path = scope["path"]
+        return path == "/health" or (self.config.ui and scope["method"] in ("GET", "HEAD")
+                                     and (path == "/" or path.startswith("/ui/static/")))
 
     async def _discard_declared(self, headers: Headers, receive: Receive) -> None:
         """A body declared at most twice the limit is read and dropped (none of it kept, for at most DISCARD_S)

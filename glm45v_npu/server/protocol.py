@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.answer import ReasoningStream
+from ..engine.answer import ReasoningStream, parse_boxes
 from ..engine.tool_calls import CallDelta, PlainStream, ToolUse, check_tools
 from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
@@ -175,8 +175,12 @@ class ChatCompletionRequest(_Sampling):
                  ("response_format", self.response_grammar())] + [(g.origin.split(".")[0], g) for g in self.grammars()]
         given = [(field, g) for field, g in named if g is not None]
         if tool_use is not None and tool_use.mode == "auto" and given:
-            raise FieldError("", given[0][0], "given", "cannot be combined with tools under tool_choice auto (the "
-                             "answer would be held to it, so no tool could be called); use tool_choice none or required")
+            if len(given) > 1 or given[0][1].kind not in ("json", "json_object"):
+                raise FieldError("", given[0][0], "given", "beside tools under tool_choice auto only a JSON format "
+                                 "(response_format json_schema or json_object) is taken: the reply calls tools or "
+                                 "answers in it")
+            tool_use.answer = given[0][1]
+            return tool_use.grammar()
         if len(given) > 1:
             raise FieldError("", given[1][0], "given", f"cannot be combined with {given[0][0]} (one grammar per "
                              "request)")
@@ -323,8 +327,11 @@ class ChatChoice:
         self.reasoning = ReasoningStream(tool_use.breaks if tool_use else ())
         self.tools = tool_use.stream() if tool_use else PlainStream()
         self.called = False
+        self.content = ""
 
-    def feed(self, text: str, final: bool) -> dict:
+    def feed(self, text: str, final: bool, image_sizes: list | None = None) -> dict:
+        """The next delta; the final one carries `boxes` (an extension field, in the content's coordinates and
+        the last image's pixels) when the answer has any."""
         reasoning, content = self.reasoning.feed(text)
         if final:
             r, c = self.reasoning.flush()
@@ -338,19 +345,24 @@ class ChatChoice:
         if calls:
             self.called = True
             delta["tool_calls"] = _merged(calls)
+        self.content += content
+        if final and (boxes := parse_boxes(self.content, image_sizes)):
+            delta["boxes"] = [b.as_dict() for b in boxes]
         return delta
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.called and reason == "stop" else reason
 
-    def message(self, text: str) -> dict:
-        delta = self.feed(text, final=True)
+    def message(self, text: str, image_sizes: list | None = None) -> dict:
+        delta = self.feed(text, final=True, image_sizes=image_sizes)
         calls = delta.get("tool_calls", [])
         content = delta.get("content")
         message = {"role": "assistant", "content": None if calls and not (content or "").strip() else content or "",
                    "reasoning_content": delta.get("reasoning_content"), "reasoning": delta.get("reasoning")}
         if calls:
             message["tool_calls"] = calls
+        if "boxes" in delta:
+            message["boxes"] = delta["boxes"]
         return message
 
 
@@ -371,7 +383,7 @@ def chat_response(out: RequestOutput, cid: str, made: int, model: str, top_n: in
     choices = []
     for c in out.outputs:
         choice = ChatChoice(tool_use)
-        message = choice.message(c.text)
+        message = choice.message(c.text, out.image_sizes)
         choices.append({"index": c.index, "message": message, "logprobs": chat_logprobs(c, top_n),
                         "finish_reason": choice.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
     return {"id": cid, "object": "chat.completion", "created": made, "model": model, "choices": choices,

@@ -10,6 +10,7 @@ from fastapi import Request
 from .engine_loop import EngineLoop
 from .media_policy import MediaPolicy
 from .metrics import Metrics
+from .responses import ResponseStore
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ServeConfig:
     max_body_bytes: int = 64 * 2**20
     write_timeout_s: float = 30.0  # a client that reads nothing of its response for this long is dropped
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none: CORS off
+    ui: bool = True  # the chat page at / (routes_ui.py)
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
@@ -31,6 +33,7 @@ class ServerState:
     metrics: Metrics
     engine: EngineLoop
     defaults: dict  # the checkpoint's sampling defaults, under SamplingParams' names
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses stored for previous_response_id
 
     @property
     def max_model_len(self) -> int:

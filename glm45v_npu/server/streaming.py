@@ -66,7 +66,7 @@ async def chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_
     def choices(item):
         for c in item.outputs:
             stream = streams[c.index]
-            delta = stream.feed(c.text, final=c.finish_reason is not None)
+            delta = stream.feed(c.text, final=c.finish_reason is not None, image_sizes=item.image_sizes)
             logprobs = p.chat_logprobs(c, top_n) if c.token_ids else None
             if delta or logprobs or c.finish_reason:
                 yield {"index": c.index, "delta": delta, "logprobs": logprobs,
