@@ -104,7 +104,7 @@ def finished(page, timeout=60_000):
 def test_a_chat_with_an_image_streams_reasoning_folds_it_and_draws_the_boxes(page, server, tmp_path):
     box_text = "[[" + "],[".join(",".join(map(str, b)) for b in BOXES) + "]]"
     script(server, "<think>", "The picture shows a cat on grass and the sun.", "</think>",
-           "The **cat** is at ", OPEN, box_text, CLOSE, ", a bird at ", OPEN, "[%d,%d]" % POINT, CLOSE, ".",
+           "The **cat** is at ", OPEN, box_text, CLOSE, ", a bird at ", OPEN, f"[{POINT[0]},{POINT[1]}]", CLOSE, ".",
            delay_s=0.04)
     ask(page, "Where are the cat and the sun?", [picture(tmp_path / "garden.png")])
     # the reasoning shows live, open, before the answer starts
