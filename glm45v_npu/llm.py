@@ -20,7 +20,7 @@ from .engine.progress import ProgressBar
 from .engine.tool_calls import ToolUse, check_tools
 from .errors import Glm45vError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import REASONING_BUDGETS, SamplingParams
 
 log = logging.getLogger("glm45v_npu")
 
@@ -142,15 +142,28 @@ class LLM:
         return [s if isinstance(s, RequestOutput) else results[s] for s in slots]
 
     def chat(self, messages: list, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             chat_template_kwargs: dict | None = None, tools: list | None = None,
+             chat_template_kwargs: dict | None = None, tools: list | None = None, reasoning_effort: str | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """One conversation (a list of messages) or several (a list of lists), through the checkpoint's chat
         template; `chat_template_kwargs` reach the template (e.g. enable_thinking=False). With `tools` (OpenAI's
-        shape) the template offers them and each output's `tool_calls` holds the calls parsed from its text."""
+        shape) the template offers them and each output's `tool_calls` holds the calls parsed from its text.
+        `reasoning_effort` as the server takes it: none/minimal turn thinking off, low/medium/high set
+        SamplingParams.thinking_token_budget (REASONING_BUDGETS)."""
         if not isinstance(messages, list) or not messages:
             raise Glm45vError("chat: expected a list of messages, or a list of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        requests = [{"messages": c, "chat_template_kwargs": dict(chat_template_kwargs or {})} for c in conversations]
+        kwargs = dict(chat_template_kwargs or {})
+        if reasoning_effort is not None:
+            if reasoning_effort not in REASONING_BUDGETS:
+                raise Glm45vError(f"chat: reasoning_effort {reasoning_effort!r}: expected one of "
+                                  f"{', '.join(REASONING_BUDGETS)}")
+            budget = REASONING_BUDGETS[reasoning_effort]
+            if budget == 0:
+                kwargs.setdefault("enable_thinking", False)
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(conversations)
+            sampling_params = [replace(p or self.get_default_sampling_params(), thinking_token_budget=budget)
+                               for p in params]
+        requests = [{"messages": c, "chat_template_kwargs": dict(kwargs)} for c in conversations]
         tool_use = None
         if tools is not None:
             tool_use = ToolUse(check_tools(tools), raw=list(tools))

@@ -79,3 +79,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when the request was rejected or the engine ended it (the others go on)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # the prompt's images, (width, height)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # SamplingParams.prompt_logprobs (first: None)

@@ -10,6 +10,8 @@ from .errors import FieldError
 
 OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_LOGPROBS = 20
+# reasoning_effort (OpenAI's field): none and minimal turn thinking off; the others set a thinking budget (README)
+REASONING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # What a structured-output request may ask for, counted before anything validates or compiles it (README:
 # "Limits"): past these, schema validation, grammar compilation or the per-token mask take seconds of CPU and
@@ -208,6 +210,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     min_tokens: int = 0  # eos and stop tokens are masked out until this many tokens are generated
     logprobs: int | None = None  # None: no logprobs; N: the sampled token's and the top N
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top N (no prefix cache hit)
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"  # what step() reports: the whole output so far, only what is new, or the end
     structured_outputs: StructuredOutputsParams | None = None  # the output follows this grammar
@@ -239,6 +242,8 @@ class SamplingParams:
              "must be in 0..max_tokens"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"must be in 0..{MAX_LOGPROBS}"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"must be in 0..{MAX_LOGPROBS}"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in 0..2^63-1"),
             ("thinking_token_budget", self.thinking_token_budget is None or self.thinking_token_budget >= 0,
              "must be >= 0"),
@@ -249,12 +254,12 @@ class SamplingParams:
                 raise FieldError("SamplingParams: ", name, getattr(self, name), why)
 
     def _check_types(self) -> None:
-        ints = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "thinking_token_budget")
+        ints = ("n", "max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "thinking_token_budget")
         floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
         bools = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
         for name in ints + floats:
             v = getattr(self, name)
-            if v is None and name in ("max_tokens", "seed", "logprobs", "thinking_token_budget"):
+            if v is None and name in ("max_tokens", "seed", "logprobs", "prompt_logprobs", "thinking_token_budget"):
                 continue
             kinds = (int,) if name in ints else (int, float)
             if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, float) and not math.isfinite(v)):

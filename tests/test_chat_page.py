@@ -287,3 +287,33 @@ def test_the_page_headers_and_that_no_ui_serves_none(server, ckpt):
     assert r.headers["cache-control"] == "no-cache" and r.headers["etag"]
     assert httpx.get(server.url + "/", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
     assert "<script>" not in r.text and " style=" not in r.text  # nothing inline
+
+
+def test_paste_and_drop_attach_images_with_previews(page, server, tmp_path):
+    import base64
+
+    picture(tmp_path / "small.png", 60, 40)
+    b64 = base64.b64encode((tmp_path / "small.png").read_bytes()).decode()
+    page.evaluate("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const pasted = new DataTransfer();
+        pasted.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+        document.getElementById("prompt").dispatchEvent(
+            new ClipboardEvent("paste", {clipboardData: pasted, bubbles: true, cancelable: true}));
+        const dropped = new DataTransfer();
+        dropped.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("main").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: dropped, bubbles: true, cancelable: true}));
+    }""", b64)
+    page.wait_for_function("() => document.querySelectorAll('#previews .preview img').length === 2")
+    names = sorted(b.get_attribute("title") for b in page.query_selector_all("#previews .preview button"))
+    assert names == ["remove dropped.png", "remove pasted.png"]
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    script(server, "two pictures")
+    page.fill("#prompt", "compare")
+    page.click("#send")
+    finished(page)
+    parts = bodies[-1]["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "image_url", "text"]
+    assert len(page.query_selector_all(".message.user .attachments img")) == 2

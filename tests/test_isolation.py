@@ -81,22 +81,25 @@ def _json_schema(schema):
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
 
+# (each probe runs beside six streams for ~5 s: the fast tier keeps one of them, CI's slow tier runs them all)
 PROBES = {
-    "a json_schema of 100,000 properties, one type misspelt": (
+    "a json_schema of 100,000 properties, one type misspelt": pytest.param(
         _chat(response_format=_json_schema(_wide_schema(100_000, bad_type=True))),
-        "response_format.json_schema.schema", f"more than {MAX_SCHEMA_NODES} values"),
+        "response_format.json_schema.schema", f"more than {MAX_SCHEMA_NODES} values", marks=pytest.mark.slow),
     "a json_schema of 30,000 properties": pytest.param(
         _chat(response_format=_json_schema(_wide_schema(30_000))),
         "response_format.json_schema.schema", f"more than {MAX_SCHEMA_NODES} values", marks=pytest.mark.slow),
-    "json_schema items nested 300 deep": (
+    "json_schema items nested 300 deep": pytest.param(
         _chat(response_format=_json_schema(_deep_schema(300))),
-        "response_format.json_schema.schema", f"deeper than {MAX_SCHEMA_DEPTH}"),
-    "100,000 guided_choice choices": (
-        _chat(guided_choice=[f"c{i}" for i in range(100_000)]), "guided_choice", f"more than {MAX_CHOICES} choices"),
-    "a 33-byte regex that unrolls to 10,000 repetitions": (
-        _chat(guided_regex="([a-zA-Z]{1,100}){1,100}ZZZZZZZZZZ"), "guided_regex", "unrolls"),
-    "n: 64 with 20 logprobs and 1000 tokens, not streamed (the issue's 90 MB body)": (
-        _chat(n=64, logprobs=True, top_logprobs=20, max_tokens=1000), "top_logprobs", "limit of"),
+        "response_format.json_schema.schema", f"deeper than {MAX_SCHEMA_DEPTH}", marks=pytest.mark.slow),
+    "100,000 guided_choice choices": pytest.param(
+        _chat(guided_choice=[f"c{i}" for i in range(100_000)]), "guided_choice", f"more than {MAX_CHOICES} choices",
+        marks=pytest.mark.slow),
+    "a 33-byte regex that unrolls to 10,000 repetitions": pytest.param(
+        _chat(guided_regex="([a-zA-Z]{1,100}){1,100}ZZZZZZZZZZ"), "guided_regex", "unrolls", marks=pytest.mark.slow),
+    "n: 64 with 20 logprobs and 1000 tokens, not streamed (the issue's 90 MB body)": pytest.param(
+        _chat(n=64, logprobs=True, top_logprobs=20, max_tokens=1000), "top_logprobs", "limit of",
+        marks=pytest.mark.slow),
     "a whole answer of 8 x 2000 tokens x 21 logprobs": pytest.param(
         _chat(n=8, logprobs=True, top_logprobs=20, max_tokens=2000), "top_logprobs", "limit of",
         marks=pytest.mark.slow),

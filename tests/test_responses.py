@@ -89,7 +89,7 @@ def test_parse_with_a_pydantic_model_thinking_on_and_off(client):
         city: str = Field(max_length=12)
         rain: bool
 
-    for seed, extra in [(0, {}), (1, {}), (2, {"reasoning": {"effort": "none"}})]:
+    for seed, extra in [(0, {}), (2, {"reasoning": {"effort": "none"}})]:
         r = client.responses.parse(model=MODEL, input="Rain in Oslo?", text_format=Forecast, temperature=1,
                                    max_output_tokens=120, extra_body={"seed": seed}, **extra)
         assert isinstance(r.output_parsed, Forecast), r.output_text

@@ -63,7 +63,8 @@ def _valid_calls(calls):
 # --- the grammar holds a random model to the tools and schemas -----------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [NO_THINK, {}], ids=["thinking off", "thinking on (the default)"])
+@pytest.mark.parametrize("extra", [pytest.param(NO_THINK, marks=pytest.mark.slow), {}],
+                         ids=["thinking off", "thinking on (the default)"])
 def test_required_tool_choice_returns_calls_that_validate(client, server, extra):
     """With thinking on the tiny model never opens <think>: the calls must still come (they used to come back as
     finish_reason stop, no calls, when the grammar waited for a </think>)."""
@@ -121,7 +122,8 @@ ANSWER = {"type": "object", "properties": {"city": {"type": "string", "maxLength
           "$defs": {"chance": {"type": "integer", "minimum": 0, "maximum": 100}}}
 
 
-@pytest.mark.parametrize("extra", [NO_THINK, {}], ids=["thinking off", "thinking on (the default)"])
+@pytest.mark.parametrize("extra", [NO_THINK, pytest.param({}, marks=pytest.mark.slow)],
+                         ids=["thinking off", "thinking on (the default)"])
 def test_tools_beside_a_schema_call_or_answer_in_it(client, server, extra):
     """tools (auto) with response_format: each reply is valid calls or an answer that meets the schema (its
     $defs reached from inside the union), whole and streamed; both happen."""
@@ -129,7 +131,7 @@ def test_tools_beside_a_schema_call_or_answer_in_it(client, server, extra):
 
     fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER, "strict": True}}
     kinds = set()
-    for seed in range(8):
+    for seed in (0, 6, 7) if extra is NO_THINK else range(8):  # (seeded: these give both a call and an answer)
         body = dict(model=MODEL, messages=[{"role": "user", "content": "rain in Oslo?"}], tools=TOOLS,
                     parallel_tool_calls=False,
                     response_format=fmt, temperature=1, seed=seed, max_tokens=200, extra_body=extra)
@@ -358,6 +360,36 @@ def test_reasoning_that_would_leave_no_room_for_the_answer_is_cut_and_never_stop
         assert out.finish_reason == "stop" and json.loads(_reasoning_and_answer(out.text)[1])["n"] in range(10)
 
 
+PICK = {"type": "function", "function": {"name": "f", "parameters": DIGIT}}
+
+
+def test_thinking_on_small_max_tokens_and_tool_choice_required_still_give_a_valid_call(client, server, monkeypatch):
+    """The model opens <think> and never closes it; max_tokens 48 (the shortest call, [{"name":"f","parameters":
+    {"n":0}}], is 34 byte tokens of the tiny vocabulary: 24 cannot hold one): </think> is forced, the call is valid."""
+    monkeypatch.setattr(server.llm.engine, "sampler", Scripted(server.llm.engine.processor.tokenizer, ["<think>"],
+                                                               then=server.llm.engine.sampler))
+    for seed in range(4):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "pick"}], tools=[PICK],
+                                           tool_choice="required", parallel_tool_calls=False, max_tokens=48,
+                                           temperature=1, seed=seed)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.model_extra["reasoning_content"], choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "f" and json.loads(call.function.arguments)["n"] in range(10)
+
+
+def test_reasoning_effort_on_llm_chat(ckpt):
+    """none: the template's thinking off; low: a 1024-token budget on the request's SamplingParams."""
+    llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
+    user = [{"role": "user", "content": "hi"}]
+    off = llm.chat(user, SamplingParams(max_tokens=1), reasoning_effort="none")[0]
+    assert off.prompt.endswith("<think></think>\n")
+    on = llm.chat(user, SamplingParams(max_tokens=1), reasoning_effort="low")[0]
+    assert on.prompt.endswith("<|assistant|>\n") and not on.prompt.endswith("</think>\n")
+    with pytest.raises(Glm45vError, match="reasoning_effort 'huge'"):
+        llm.chat(user, reasoning_effort="huge")
+
+
 def test_a_thinking_budget_alone_caps_the_reasoning_of_a_plain_request(ckpt):
     llm = LLM(ckpt, block_size=4, kv_cache_gib=0.004)
     engine = llm.engine
@@ -498,7 +530,7 @@ def test_bad_structured_outputs_are_named():
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": "required", "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ({"tools": TOOLS, "guided_regex": "a+"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"structured_outputs": {"regex": "a+", "jsn": {}}}, "structured_outputs.jsn"),

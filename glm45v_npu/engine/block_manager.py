@@ -40,7 +40,7 @@ class BlockManager:
     def admit(self, seq: Sequence) -> None:
         """Attach the longest cached prefix of full blocks (always leaving a token to compute)."""
         seq.block_hashes, seq.num_computed, seq.num_cached = [], 0, 0
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:  # every prompt token is computed
             return
         bs, previous = self.block_size, b""
         for i in range((len(seq) - 1) // bs):  # a recomputed sequence can reuse its own generated blocks

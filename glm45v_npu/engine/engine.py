@@ -160,6 +160,8 @@ class Engine:
             seq = Sequence(list(enc.token_ids), n, params, enc.positions, enc.delta, enc.images, request=request_id)
             if enc.grammar is not None:
                 seq.grammar = self.grammars.state(enc.grammar, self._limit(n, params), params)
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None] * n
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(derived_seed(params.seed, i))
             detok = IncrementalDetokenizer(self.processor.tokenizer, params.skip_special_tokens, params.stop,
@@ -236,7 +238,8 @@ class Engine:
             with self.cluster.collective():
                 self.cluster.send(plan.inputs)
                 logits = self.runner.execute(plan.inputs)
-            sampled = self._sample(plan, logits) if plan.samplers else None
+            sampled = self._sample(plan, logits[: len(plan.samplers)]) if plan.samplers else None
+            prompt = self._prompt_logprobs(plan, logits[len(plan.samplers) :]) if plan.prompt_spans else None
             platform.synchronize(self.device)
         except Exception as e:  # nothing is committed: find the request at fault, keep the others
             if self.cluster.broken:
@@ -258,6 +261,8 @@ class Engine:
         if sampled is not None:
             for row, seq in enumerate(plan.samplers):
                 self._append(seq, row, sampled, now)
+        if prompt is not None:
+            self._record_prompt_logprobs(plan, *prompt)
         outs = self._emit()
         t3 = time.perf_counter()
         self._timing[0] += 1
@@ -327,6 +332,30 @@ class Engine:
             suppress.append(([] if p.ignore_eos else self.processor.eos_token_ids) + p.stop_token_ids if early else [])
         return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
                             [s.token_ids for s in seqs], [s.prompt_len for s in seqs], suppress, allowed)
+
+    def _prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor) -> tuple:
+        """The logprob and rank of each asked prompt position's next token, and the top N, on the host."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor([t for seq, start, count in plan.prompt_spans
+                                for t in seq.token_ids[start + 1 : start + 1 + count]], device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0]
+        ranks = (lp > chosen[:, None]).sum(1) + 1
+        top_n = max(seq.params.prompt_logprobs for seq, _, _ in plan.prompt_spans)
+        top = lp.topk(top_n, dim=-1) if top_n else None
+        return (targets.tolist(), chosen.tolist(), ranks.tolist(),
+                (top.values.tolist(), top.indices.tolist()) if top is not None else None)
+
+    def _record_prompt_logprobs(self, plan: StepPlan, targets, chosen, ranks, top) -> None:
+        row = 0
+        for seq, start, count in plan.prompt_spans:
+            n = seq.params.prompt_logprobs
+            for k in range(count):
+                tok = targets[row]
+                entry = {tok: Logprob(chosen[row], ranks[row], self._decode_one(tok))}
+                for rank, (value, tid) in enumerate(zip(top[0][row][:n], top[1][row][:n]) if top else (), start=1):
+                    entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
+                seq.prompt_logprobs[start + 1 + k] = entry  # by position: a recomputed prompt writes it again
+                row += 1
 
     def _append(self, seq: Sequence, row: int, sampled: Sampled, now: float) -> None:
         req, comp = self._owner[seq.seq_id]

@@ -283,7 +283,8 @@ def _reserve(spec: StructuredOutputsParams) -> int:
 
 
 def _min_chars(schema: Any, depth: int) -> int:
-    """Characters of the shortest JSON instance of `schema` (compact), roughly: required members only."""
+    """Characters of the shortest JSON instance of `schema` as xgrammar writes it without free whitespace
+    (separators ", " and ": "), roughly: required members only."""
     if not isinstance(schema, dict) or depth > 40:
         return 1
     for key in ("const",):
@@ -299,10 +300,11 @@ def _min_chars(schema: Any, depth: int) -> int:
     if kind == "object":
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         required = [k for k in schema.get("required", []) if isinstance(k, str)]
-        return 2 + sum(len(json.dumps(k)) + 2 + _min_chars(props.get(k), depth + 1) for k in required)
+        members = sum(len(json.dumps(k)) + 2 + _min_chars(props.get(k), depth + 1) for k in required)
+        return 2 + members + 2 * max(0, len(required) - 1)  # xgrammar writes ": " and ", "
     if kind == "array":
-        n = schema.get("minItems", 0) if isinstance(schema.get("minItems", 0), int) else 0
-        return 2 + min(n, 1000) * (_min_chars(schema.get("items"), depth + 1) + 1)
+        n = min(schema.get("minItems", 0) if isinstance(schema.get("minItems", 0), int) else 0, 1000)
+        return 2 + n * _min_chars(schema.get("items"), depth + 1) + 2 * max(0, n - 1)
     if kind == "string":
         n = schema.get("minLength", 0) if isinstance(schema.get("minLength", 0), int) else 0
         return 2 + min(n, 100_000)

@@ -64,7 +64,8 @@ class Request:
                 boxes=parse_boxes(c.text, self.image_sizes) if seq.finish_reason else None))
             c.sent_tokens, c.sent_text = seq.num_output, len(c.text)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             self.metrics, self.num_cached_tokens, error=self.error, image_sizes=self.image_sizes)
+                             self.metrics, self.num_cached_tokens, error=self.error, image_sizes=self.image_sizes,
+                             prompt_logprobs=self.completions[0].seq.prompt_logprobs if self.completions else None)
 
 
 def derived_seed(seed: int, index: int) -> int:

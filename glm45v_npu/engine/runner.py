@@ -1,5 +1,5 @@
 """Turns a scheduled batch into flat step inputs, runs the model, and returns the logits of the sequences that
-sample this step.
+sample this step (then those of the prompt positions whose next token's logprob a request asked for).
 
 `prepare` (rank 0) reads the scheduler's sequences and produces a StepPlan of plain host data without changing
 anything; `execute` (every rank) runs its StepInputs; `commit` (rank 0) advances the sequences once the step has
@@ -27,6 +27,7 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     sample_rows: list[int]  # flat index of each sampling sequence's last token
+    prompt_rows: list[int] = field(default_factory=list)  # rows whose next prompt token's logprob is asked
     encode: list[tuple[int, list[torch.Tensor], list[tuple[int, int, int]]]] = field(default_factory=list)
     image_rows: list[tuple[int, int, int, int]] = field(default_factory=list)  # seq, src row, dst row, count
     drop_images: list[int] = field(default_factory=list)  # sequences whose image embeddings can go
@@ -39,6 +40,7 @@ class StepPlan:
     samplers: list[Sequence]  # sequences whose last token is computed this step: they sample
     encoded: list[int]  # sequences whose vision output this step computes
     images_done: list[int]  # sequences whose last image token this step consumes
+    prompt_spans: list[tuple[Sequence, int, int]] = field(default_factory=list)  # seq, first position, count
 
 
 def allocate_kv_cache(model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -73,6 +75,7 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepPlan:
         ids, pos, rows, encode, samplers, sample_rows, images_done = [], [], [], [], [], [], []
+        prompt_rows, prompt_spans = [], []
         offset = 0
         for s, n in zip(batch.seqs, batch.num_new):
             lo, hi = s.num_computed, s.num_computed + n
@@ -91,6 +94,10 @@ class ModelRunner:
                 if a < b:
                     rows.append((s.seq_id, row + a - span.start, a - lo + offset, b - a))
                 row += span.end - span.start
+            if s.prompt_logprobs is not None and lo < s.prompt_len - 1:  # position j predicts prompt token j + 1
+                count = min(hi, s.prompt_len - 1) - lo
+                prompt_rows.extend(range(offset, offset + count))
+                prompt_spans.append((s, lo, count))
             offset += n
             if s.images and lo < s.images[-1].end <= hi:
                 images_done.append(s.seq_id)
@@ -103,9 +110,9 @@ class ModelRunner:
             token_ids=ids, positions=torch.cat(pos, dim=1), query_lens=list(batch.num_new),
             context_lens=[s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)],
             block_tables=[list(s.block_table) for s in batch.seqs], sample_rows=sample_rows,
-            encode=encode, image_rows=rows, drop_images=sorted(drops),
+            prompt_rows=prompt_rows, encode=encode, image_rows=rows, drop_images=sorted(drops),
         )
-        return StepPlan(inputs, batch, samplers, encoded, images_done)
+        return StepPlan(inputs, batch, samplers, encoded, images_done, prompt_spans)
 
     def commit(self, plan: StepPlan) -> None:
         """The step ran: its tokens are in the cache and its vision outputs are where the next steps expect."""
@@ -140,7 +147,7 @@ class ModelRunner:
                 [e for px, g in zip(pixels, grids) for e in m.encode_images(px.to(self.device), [g])])
         B = len(inp.query_lens)
         if (self.graphs is not None and B and self.graphs.fits(B) and len(inp.token_ids) == B
-                and not inp.image_rows and inp.sample_rows == list(range(B))):  # a plain decode step
+                and not inp.image_rows and not inp.prompt_rows and inp.sample_rows == list(range(B))):  # decode
             bucket = self.graphs.load(inp.token_ids, inp.positions, inp.context_lens, inp.block_tables)
             return self.graphs.run(bucket)[:B]
         embeds = m.embed(torch.tensor(inp.token_ids, dtype=torch.long, device=self.device))
@@ -150,6 +157,7 @@ class ModelRunner:
             return embeds.new_zeros(0)
         ctx = ForwardContext.build(inp.query_lens, inp.context_lens, inp.block_tables, self.block_size, self.device)
         hidden = m(embeds, inp.positions.to(self.device), ctx)
-        if not inp.sample_rows:
+        rows = inp.sample_rows + inp.prompt_rows  # the sampling rows first, then the prompt's
+        if not rows:
             return hidden.new_zeros(0)
-        return m.logits(hidden[torch.tensor(inp.sample_rows, device=self.device)])
+        return m.logits(hidden[torch.tensor(rows, device=self.device)])

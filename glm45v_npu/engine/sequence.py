@@ -41,6 +41,7 @@ class Sequence:
     generator: torch.Generator | None = None
     grammar: Any = None  # its structured-output matcher (engine/grammar.py), when the request has a grammar
     request: str = ""  # its request's id: the n sequences of one request share the scheduler's per-request cap
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: per prompt token (the first: None)
 
     @property
     def output_ids(self) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,11 +14,15 @@ from ..engine.answer import ReasoningStream, parse_boxes
 from ..engine.tool_calls import CallDelta, PlainStream, ToolUse, check_tools
 from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
-from ..sampling_params import MAX_LOGPROBS, STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
+from ..sampling_params import (
+    MAX_LOGPROBS,
+    REASONING_BUDGETS,
+    STRUCTURED_KINDS,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 TEMPLATE_KWARGS = {"enable_thinking": bool}
-# reasoning_effort (OpenAI's field): none and minimal turn thinking off; the others set a thinking budget (README)
-REASONING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 1024  # each stop string is searched for after every token
 
 
@@ -82,7 +87,7 @@ class _Sampling(BaseModel):
         return out
 
     def sampling(self, defaults: dict, max_tokens: int | None, logprobs: int | None,
-                 grammar: StructuredOutputsParams | None = None) -> SamplingParams:
+                 grammar: StructuredOutputsParams | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's values over the checkpoint's generation defaults; no max_tokens anywhere means up to
         the context."""
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
@@ -100,7 +105,7 @@ class _Sampling(BaseModel):
                               skip_special_tokens=self.skip_special_tokens,
                               include_stop_str_in_output=self.include_stop_str_in_output,
                               output_kind="delta" if self.stream else "final_only", structured_outputs=grammar,
-                              thinking_token_budget=self.budget())
+                              thinking_token_budget=self.budget(), prompt_logprobs=prompt_logprobs)
 
     def budget(self) -> int | None:
         return self.thinking_token_budget
@@ -170,9 +175,12 @@ class ChatCompletionRequest(_Sampling):
                                        origin="response_format.json_schema.schema")
 
     def grammar(self, tool_use: ToolUse | None) -> StructuredOutputsParams | None:
-        """The one grammar of the answer: the tool choice's, response_format's or vLLM's fields'."""
-        named = [("tool_choice", tool_use.grammar() if tool_use else None),
-                 ("response_format", self.response_grammar())] + [(g.origin.split(".")[0], g) for g in self.grammars()]
+        """The one grammar of the answer: the tool choice's, response_format's or vLLM's fields'. A tool_choice that
+        forces a call leaves response_format nothing to hold (the reply is the call, as OpenAI has it)."""
+        forced = tool_use is not None and tool_use.mode in ("required", "named")
+        fmt = self.response_grammar()  # checked even when it holds nothing
+        named = [("tool_choice", tool_use.grammar() if tool_use else None), ("response_format", None if forced else fmt)]
+        named += [(g.origin.split(".")[0], g) for g in self.grammars()]
         given = [(field, g) for field, g in named if g is not None]
         if tool_use is not None and tool_use.mode == "auto" and given:
             if len(given) > 1 or given[0][1].kind not in ("json", "json_object"):
@@ -220,12 +228,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt before the completion, with its logprobs when logprobs is asked
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top N, in the choice
     suffix: str | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
         if self.suffix:
             return "suffix"
         return None
@@ -246,12 +253,22 @@ class CompletionRequest(_Sampling):
         grammars = self.grammars()
         if len(grammars) > 1:
             raise FieldError("", grammars[1].origin, "given", f"cannot be combined with {grammars[0].origin}")
-        return self.sampling(defaults, self.max_tokens, self.logprobs, grammars[0] if grammars else None)
+        asked = self.prompt_logprobs if self.prompt_logprobs is not None else self.logprobs if self.echo else None
+        return self.sampling(defaults, self.max_tokens, self.logprobs, grammars[0] if grammars else None, asked)
 
     def prepared(self, defaults: dict, max_model_len: int) -> SamplingParams:
-        """Sampling parameters, every size checked (a grammar is counted here)."""
+        """Sampling parameters, every size checked (a grammar is counted here; a prompt's logprobs by its length,
+        at most a token per byte)."""
         params = self.params(defaults)
         check_share(params, self.stream, max_model_len, top_field="logprobs")
+        if params.prompt_logprobs is not None:
+            p = self.prompt
+            size = len(p.encode()) if isinstance(p, str) else len(p) if p and isinstance(p[0], int) else 0
+            entries = min(size, max_model_len) * (1 + params.prompt_logprobs)
+            if entries > MAX_WHOLE_LOGPROBS:
+                raise FieldError("", "prompt_logprobs" if self.prompt_logprobs is not None else "logprobs",
+                                 params.prompt_logprobs, f"the prompt's logprobs would take {entries} entries, over "
+                                 f"the limit of {MAX_WHOLE_LOGPROBS}; ask for fewer top logprobs")
         return params
 
 
@@ -299,20 +316,46 @@ def chat_logprobs(c: CompletionOutput, top_n: int) -> dict | None:
     return {"content": content}
 
 
-def completion_logprobs(c: CompletionOutput, text_offset: int = 0) -> dict | None:
+def completion_logprobs(c: CompletionOutput, text_offset: int = 0, echo: Echo | None = None) -> dict | None:
+    """OpenAI completion logprobs; with echo, the prompt's tokens first (the first one has no logprob)."""
     if c.logprobs is None:
         return None
     tokens, values, tops, offsets = [], [], [], []
     at = text_offset
-    for token, entry in zip(c.token_ids, c.logprobs):
-        chosen = entry[token]
-        text = chosen.decoded_token or ""
+    pairs = list(zip(c.token_ids, c.logprobs))
+    if echo is not None:
+        pairs = list(zip(echo.token_ids, echo.logprobs)) + pairs
+    for token, entry in pairs:
+        if entry is None:  # the prompt's first token
+            text, value, top = echo.first, None, None
+        else:
+            chosen = entry[token]
+            text, value = chosen.decoded_token or "", chosen.logprob
+            top = {(lp.decoded_token or ""): lp.logprob for lp in entry.values()}
         tokens.append(text)
-        values.append(chosen.logprob)
-        tops.append({(lp.decoded_token or ""): lp.logprob for lp in entry.values()})
+        values.append(value)
+        tops.append(top)
         offsets.append(at)
         at += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+@dataclass
+class Echo:
+    """What echo puts before a completion: the prompt's text, its tokens and their logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list  # RequestOutput.prompt_logprobs
+    first: str  # the first token's text (it has no logprob entry to carry it)
+
+
+def prompt_logprobs_field(out: RequestOutput) -> list | None:
+    """vLLM's prompt_logprobs on a completion choice: per prompt token, None first, then {id: entry}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in out.prompt_logprobs]
 
 
 def created() -> int:
@@ -390,8 +433,13 @@ def chat_response(out: RequestOutput, cid: str, made: int, model: str, top_n: in
             "usage": usage(out)}
 
 
-def completion_response(out: RequestOutput, cid: str, made: int, model: str) -> dict:
-    choices = [{"index": c.index, "text": c.text, "logprobs": completion_logprobs(c),
+def completion_response(out: RequestOutput, cid: str, made: int, model: str, echo: Echo | None = None,
+                        prompt_logprobs: bool = False) -> dict:
+    choices = [{"index": c.index, "text": (echo.text if echo else "") + c.text,
+                "logprobs": completion_logprobs(c, 0, echo) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    if prompt_logprobs:
+        for choice in choices:
+            choice["prompt_logprobs"] = prompt_logprobs_field(out)
     return {"id": cid, "object": "text_completion", "created": made, "model": model, "choices": choices,
             "usage": usage(out)}

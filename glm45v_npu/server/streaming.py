@@ -76,11 +76,18 @@ async def chat_stream(engine, rid, outputs, cid, made, model, n, top_n, include_
         yield chunk
 
 
-def completion_stream(engine, rid, outputs, cid, made, model, include_usage):
+def completion_stream(engine, rid, outputs, cid, made, model, include_usage, echo=None):
+    """`echo(output)`: the prompt's text, sent before each choice's first text."""
     head = {"id": cid, "object": "text_completion", "created": made, "model": model}
+    echoed: set[int] = set()
 
     def choices(item):
-        return [{"index": c.index, "text": c.text, "logprobs": p.completion_logprobs(c),
-                 "finish_reason": c.finish_reason} for c in item.outputs]
+        out = []
+        for c in item.outputs:
+            before = echo(item) if echo is not None and c.index not in echoed else ""
+            echoed.add(c.index)
+            out.append({"index": c.index, "text": before + c.text, "logprobs": p.completion_logprobs(c),
+                        "finish_reason": c.finish_reason})
+        return out
 
     return _chunks(engine, rid, outputs, head, include_usage, choices)
