@@ -106,21 +106,20 @@ def test_llm_chat_and_generate_give_boxes_in_the_pixels_the_user_sees(llm, rotat
     assert all(b is None for f, b in seen if not f) and [b.pixels for b in seen[-1][1]] == [(0, 0, 16, 32)]
 
 
-def outline_at(png, box, color_min=120):
-    """Whether the drawn outline covers the middle of each edge of `box` (x1,y1,x2,y2), within 1 px."""
+def outline_at(png, box):
+    """Whether the drawn (red) outline covers the middle of each edge of `box` (x1,y1,x2,y2), within 1 px."""
     img = Image.open(png).convert("RGB")
     x1, y1, x2, y2 = box
     mx, my = (x1 + x2) // 2, (y1 + y2) // 2
 
-    def red(x, y):
-        return any(img.getpixel((min(max(x + d, 0), img.width - 1), y))[0] >= 250
-                   and img.getpixel((min(max(x + d, 0), img.width - 1), y))[1] < 80 for d in (-1, 0, 1))
+    def red(x, y, dx, dy):
+        for d in (-1, 0, 1):
+            r, g, _ = img.getpixel((min(max(x + d * dx, 0), img.width - 1), min(max(y + d * dy, 0), img.height - 1)))
+            if r >= 250 and g < 80:
+                return True
+        return False
 
-    def red_y(x, y):
-        return any(img.getpixel((x, min(max(y + d, 0), img.height - 1)))[0] >= 250
-                   and img.getpixel((x, min(max(y + d, 0), img.height - 1)))[1] < 80 for d in (-1, 0, 1))
-
-    return red(x1, my) and red(x2 - 1, my) and red_y(mx, y1) and red_y(mx, y2 - 1)
+    return red(x1, my, 1, 0) and red(x2 - 1, my, 1, 0) and red(mx, y1, 0, 1) and red(mx, y2 - 1, 0, 1)
 
 
 def blank(path, w, h, **save):

@@ -54,13 +54,13 @@ class ChatSession:
         content = [{"type": kind, kind: path} for kind, path in self.pending] + [{"type": "text", "text": text}]
         self.history.append({"role": "user", "content": content})
         try:
-            result = self._stream(self.history)
+            result, boxes = self._stream(self.history)
         except Glm45vError:
             self.history.pop()
             raise
         self.history.append({"role": "assistant", "content": result["answer"]})
         self.pending.clear()
-        self.last = (self._last_image(), result.pop("_boxes"))
+        self.last = (self._last_image(), boxes)
         if self.draw and self.last[1]:
             self.draw_last(self.draw)
         elif self.draw:
@@ -84,7 +84,7 @@ class ChatSession:
         written = draw_boxes(image, boxes, path)
         self.err.print(Text(f"drew {len(boxes)} box(es) on {image} -> {written}", style="dim"))
 
-    def _stream(self, messages: list[dict]) -> dict:
+    def _stream(self, messages: list[dict]) -> tuple[dict, list[Box]]:
         """Stream one answer: reasoning dim (stderr when one-shot, so stdout pipes the answer), boxes
         highlighted. Ctrl-C stops this answer, not the session."""
         splitter = StreamSplitter()
@@ -113,9 +113,9 @@ class ChatSession:
         parsed = parse_answer("".join(raw))
         boxes = parse_boxes(parsed.raw, final.image_sizes if final else None)
         return {"answer": parsed.answer, "reasoning": parsed.reasoning, "boxes": [b.as_dict() for b in boxes],
-                "_boxes": boxes, "raw": parsed.raw,
+                "raw": parsed.raw,
                 "finish_reason": "abort" if stopped else final.outputs[0].finish_reason,
-                "prompt_tokens": len(final.prompt_token_ids) if final else None, "completion_tokens": tokens}
+                "prompt_tokens": len(final.prompt_token_ids) if final else None, "completion_tokens": tokens}, boxes
 
     def _show(self, pieces: list[tuple[str, str]]) -> None:
         if self.as_json:

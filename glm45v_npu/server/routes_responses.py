@@ -15,7 +15,7 @@ from . import responses as r
 from .http import ApiError, error_response, final, parse, submit
 from .media_policy import resolve_media
 from .state import state_of
-from .streaming import _stream
+from .streaming import request_outputs
 
 router = APIRouter()
 
@@ -92,7 +92,7 @@ class Run:
         yield sse(self.items.event("response.created", response=self.response("in_progress")))
         yield sse(self.items.event("response.in_progress", response=self.response("in_progress")))
         token_ids: list[int] = []
-        async for item in _stream(self.state.engine, rid, outputs):
+        async for item in request_outputs(self.state.engine, rid, outputs):
             if isinstance(item, Exception) or item.error:
                 message = str(item) if isinstance(item, Exception) else item.error
                 for event in self.items.close():

@@ -21,7 +21,7 @@ def sse(chunks: AsyncIterator[dict | str]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _stream(engine: EngineLoop, rid: str, outputs: asyncio.Queue):
+async def request_outputs(engine: EngineLoop, rid: str, outputs: asyncio.Queue):
     """The request's delta outputs until it finishes; if the consumer stops early, the request is aborted."""
     done = False
     try:
@@ -43,7 +43,7 @@ async def _stream(engine: EngineLoop, rid: str, outputs: asyncio.Queue):
 async def _chunks(engine, rid, outputs, head, include_usage, choices):
     """Stream chunks: `choices(output)` per engine step, a usage chunk if asked, then [DONE] (or an error chunk)."""
     last = None
-    async for item in _stream(engine, rid, outputs):
+    async for item in request_outputs(engine, rid, outputs):
         if isinstance(item, Exception) or item.error:
             message = str(item) if isinstance(item, Exception) else item.error
             yield {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
