@@ -4,8 +4,9 @@ sequence, and each step the mask of the tokens its matcher allows applied to the
 Two repairs over xgrammar 0.2.9's JSON-schema grammar, both measured on a random model at temperature 1: a string
 with maxLength let raw control characters through, and every string rule let the UTF-8 bytes of surrogates
 through; both made replies `json.loads` refuses. Its grammar text is compiled again with one string-character rule
-(not a control character, quote, backslash or surrogate; or a JSON escape). Whitespace is compact (vLLM's
-`disable_any_whitespace`) unless a request asks otherwise: free whitespace about doubles a reply.
+(not a control character, quote, backslash or surrogate; or a JSON escape). No free whitespace (vLLM's
+`disable_any_whitespace`; xgrammar still writes ", " and ": ") unless a request asks otherwise: free whitespace
+about doubles a reply.
 
 Reasoning: where a prompt leaves the model free to think (its last assistant turn has no `</think>`), the first
 token is `<think>` or the grammar's own: a model that does not open `<think>` is constrained from its first token
