@@ -20,7 +20,7 @@ from .engine.progress import ProgressBar
 from .engine.tool_calls import ToolUse, check_tools
 from .errors import Glm45vError
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
-from .sampling_params import REASONING_BUDGETS, SamplingParams
+from .sampling_params import SamplingParams, effort_budget
 
 log = logging.getLogger("glm45v_npu")
 
@@ -148,16 +148,13 @@ class LLM:
         template; `chat_template_kwargs` reach the template (e.g. enable_thinking=False). With `tools` (OpenAI's
         shape) the template offers them and each output's `tool_calls` holds the calls parsed from its text.
         `reasoning_effort` as the server takes it: none/minimal turn thinking off, low/medium/high set
-        SamplingParams.thinking_token_budget (REASONING_BUDGETS)."""
+        SamplingParams.thinking_token_budget (sampling_params.REASONING_BUDGETS)."""
         if not isinstance(messages, list) or not messages:
             raise Glm45vError("chat: expected a list of messages, or a list of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
         kwargs = dict(chat_template_kwargs or {})
         if reasoning_effort is not None:
-            if reasoning_effort not in REASONING_BUDGETS:
-                raise Glm45vError(f"chat: reasoning_effort {reasoning_effort!r}: expected one of "
-                                  f"{', '.join(REASONING_BUDGETS)}")
-            budget = REASONING_BUDGETS[reasoning_effort]
+            budget = effort_budget(reasoning_effort, "chat: ")
             if budget == 0:
                 kwargs.setdefault("enable_thinking", False)
             params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(conversations)

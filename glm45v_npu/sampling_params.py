@@ -12,6 +12,13 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_LOGPROBS = 20
 # reasoning_effort (OpenAI's field): none and minimal turn thinking off; the others set a thinking budget (README)
 REASONING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
+
+
+def effort_budget(effort: str, where: str = "") -> int | None:
+    """reasoning_effort -> its thinking_token_budget (0: thinking off, which the template's enable_thinking says)."""
+    if effort not in REASONING_BUDGETS:
+        raise FieldError(where, "reasoning_effort", effort, f"expected one of {', '.join(REASONING_BUDGETS)}")
+    return REASONING_BUDGETS[effort]
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # What a structured-output request may ask for, counted before anything validates or compiles it (README:
 # "Limits"): past these, schema validation, grammar compilation or the per-token mask take seconds of CPU and

@@ -66,6 +66,26 @@ class ScriptedSampler:
         return Sampled(tokens, [-0.5] * len(tokens), [1] * len(tokens), [None] * len(tokens))
 
 
+def script(llm, *parts: str, delay_s: float = 0.0) -> ScriptedSampler:
+    """From now on `llm` writes this script (see ScriptedSampler)."""
+    llm.engine.sampler = ScriptedSampler(llm.engine.processor.tokenizer, *parts, delay_s=delay_s)
+    return llm.engine.sampler
+
+
+def record_prompts(llm, monkeypatch) -> list:
+    """The prompts `llm` renders from now on, in order (its processor's encode, watched)."""
+    processor = llm.engine.processor
+    seen, encode = [], processor.encode
+
+    def recording(request, enable_thinking=None):
+        enc = encode(request, enable_thinking)
+        seen.append(enc.prompt)
+        return enc
+
+    monkeypatch.setattr(processor, "encode", recording)
+    return seen
+
+
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
     """Until a server started in another process answers /health with 200; past the timeout, fail saying so."""
     deadline = time.time() + timeout

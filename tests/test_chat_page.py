@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from glm45v_npu import LLM
 from glm45v_npu.inputs.video import write_test_video
-from tests.serving import ScriptedSampler, Server
+from tests.serving import Server, record_prompts, script
 from tests.tiny import make_vl_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -72,10 +72,6 @@ def page(browser, server):
     context.close()
 
 
-def script(server, *parts, delay_s=0.0):
-    server.llm.engine.sampler = ScriptedSampler(server.llm.engine.processor.tokenizer, *parts, delay_s=delay_s)
-
-
 def picture(path, w=600, h=360):
     """A non-square picture with something where each box of BOXES falls."""
     img = Image.new("RGB", (w, h), (150, 200, 240))
@@ -103,7 +99,7 @@ def finished(page, timeout=60_000):
 
 def test_a_chat_with_an_image_streams_reasoning_folds_it_and_draws_the_boxes(page, server, tmp_path):
     box_text = "[[" + "],[".join(",".join(map(str, b)) for b in BOXES) + "]]"
-    script(server, "<think>", "The picture shows a cat on grass and the sun.", "</think>",
+    script(server.llm, "<think>", "The picture shows a cat on grass and the sun.", "</think>",
            "The **cat** is at ", OPEN, box_text, CLOSE, ", a bird at ", OPEN, f"[{POINT[0]},{POINT[1]}]", CLOSE, ".",
            delay_s=0.04)
     ask(page, "Where are the cat and the sun?", [picture(tmp_path / "garden.png")])
@@ -144,7 +140,7 @@ def test_a_chat_with_an_image_streams_reasoning_folds_it_and_draws_the_boxes(pag
 
 
 def test_stop_aborts_the_request_on_the_server(page, server):
-    script(server, "<think>", "x" * 300, "</think>", "y" * 300, delay_s=0.05)
+    script(server.llm, "<think>", "x" * 300, "</think>", "y" * 300, delay_s=0.05)
     ask(page, "count")
     page.wait_for_function("() => (document.querySelector('.message.assistant details.reasoning') || {}).textContent"
                            "?.length > 20")
@@ -159,32 +155,24 @@ def test_stop_aborts_the_request_on_the_server(page, server):
 
 
 def test_the_thinking_switch_changes_the_prompt_the_server_renders(page, server, monkeypatch):
-    processor = server.llm.engine.processor
-    seen, encode = [], processor.encode
-
-    def recording(request, enable_thinking=None):
-        enc = encode(request, enable_thinking)
-        seen.append(enc.prompt)
-        return enc
-
-    monkeypatch.setattr(processor, "encode", recording)
-    script(server, "ok")
+    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    on, off = (server.llm.engine.processor.encode({"messages": user, "chat_template_kwargs": {
+        "enable_thinking": flag}}).prompt for flag in (True, False))
+    seen = record_prompts(server.llm, monkeypatch)
+    script(server.llm, "ok")
     ask(page, "hi")
     finished(page)
     page.click("#new-chat")
     page.uncheck("#thinking")
     ask(page, "hi")
     finished(page)
-    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    on = encode({"messages": user, "chat_template_kwargs": {"enable_thinking": True}}).prompt
-    off = encode({"messages": user, "chat_template_kwargs": {"enable_thinking": False}}).prompt
     assert on != off and seen == [on, off]
 
 
 def test_untrusted_output_renders_as_inert_text(page, server):
     evil = ('<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script> '
             '[click me](javascript:window.__pwned=3) [safe](https://example.org)\n\n```html\n<b onclick=x>hi</b>\n```')
-    script(server, evil)
+    script(server.llm, evil)
     page.evaluate("window.__pwned = undefined")
     ask(page, "say something nasty")
     finished(page)
@@ -201,11 +189,11 @@ def test_untrusted_output_renders_as_inert_text(page, server):
 
 
 def test_conversations_are_kept_switched_and_deleted(page, server):
-    script(server, "first answer")
+    script(server.llm, "first answer")
     ask(page, "one")
     finished(page)
     page.click("#new-chat")
-    script(server, "second answer")
+    script(server.llm, "second answer")
     ask(page, "two")
     finished(page)
     page.reload()
@@ -221,7 +209,7 @@ def test_conversations_are_kept_switched_and_deleted(page, server):
 def test_server_errors_and_a_video_reach_the_conversation(page, server, tmp_path):
     page.click("#settings summary")
     page.fill("#max-tokens", "99999999")
-    script(server, "never")
+    script(server.llm, "never")
     ask(page, "too long")
     finished(page)
     error = page.inner_text(".message.assistant .error")
@@ -230,7 +218,7 @@ def test_server_errors_and_a_video_reach_the_conversation(page, server, tmp_path
     clip = write_test_video(tmp_path / "clip.mp4", 1.0, fps=4, size=(64, 48), seed=1)
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
-    script(server, "a short clip")
+    script(server.llm, "a short clip")
     ask(page, "what happens?", [clip])
     finished(page)
     assert page.query_selector(".message.user video") is not None
@@ -244,7 +232,7 @@ def test_the_page_fits_a_phone(browser, server, tmp_path):
     pg = context.new_page()
     pg.goto(server.url + "/")
     pg.wait_for_function("() => document.body.dataset.ready === 'yes'")
-    script(server, "A long line " + "w" * 200 + "\n\n```\n" + "code " * 80 + "\n```")
+    script(server.llm, "A long line " + "w" * 200 + "\n\n```\n" + "code " * 80 + "\n```")
     ask(pg, "hi", [picture(tmp_path / "p.png", 1200, 500)])
     finished(pg)
     widths = pg.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth,"
@@ -271,7 +259,7 @@ def test_with_an_api_key_the_page_refuses_to_chat_until_it_is_given(browser, ckp
         pg.fill("#key-input", KEY)
         pg.click("#key-form button")
         pg.wait_for_function("() => document.body.dataset.ready === 'yes'")
-        script(srv, "welcome")
+        script(srv.llm, "welcome")
         ask(pg, "hi")
         finished(pg)
         assert "welcome" in pg.inner_text(".message.assistant .answer")
@@ -310,7 +298,7 @@ def test_paste_and_drop_attach_images_with_previews(page, server, tmp_path):
     assert names == ["remove dropped.png", "remove pasted.png"]
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
-    script(server, "two pictures")
+    script(server.llm, "two pictures")
     page.fill("#prompt", "compare")
     page.click("#send")
     finished(page)

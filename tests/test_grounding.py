@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.engine.answer import parse_boxes
-from tests.serving import ScriptedSampler, Server, data_uri
+from tests.serving import Server, data_uri, script
 from tests.tiny import make_vl_checkpoint, random_image
 
 OPEN, CLOSE = "<|begin_of_box|>", "<|end_of_box|>"
@@ -66,10 +66,6 @@ def llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("ground")
     make_vl_checkpoint(path, seed=5)
     return LLM(path, block_size=4, kv_cache_gib=0.004, max_num_seqs=4)
-
-
-def script(llm, *parts, delay_s=0.0):
-    llm.engine.sampler = ScriptedSampler(llm.engine.processor.tokenizer, *parts, delay_s=delay_s)
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 
 from glm45v_npu import LLM
-from tests.serving import ScriptedSampler, Server
+from tests.serving import Server, record_prompts, script
 from tests.tiny import make_vl_checkpoint
 
 MODEL = "glm45v-test"
@@ -34,21 +34,7 @@ def client(server):
 
 @pytest.fixture()
 def prompts(server, monkeypatch):
-    """The prompts the server renders, in order."""
-    processor = server.llm.engine.processor
-    seen, encode = [], processor.encode
-
-    def recording(request, enable_thinking=None):
-        enc = encode(request, enable_thinking)
-        seen.append(enc.prompt)
-        return enc
-
-    monkeypatch.setattr(processor, "encode", recording)
-    return seen
-
-
-def script(server, *parts):
-    server.llm.engine.sampler = ScriptedSampler(server.llm.engine.processor.tokenizer, *parts)
+    return record_prompts(server.llm, monkeypatch)
 
 
 @pytest.fixture()
@@ -60,7 +46,7 @@ def sampled(server):
 
 
 def test_create_whole_and_streamed_agree_and_reasoning_is_an_item(client, server, sampled):
-    script(server, "<think>", "hmm, rain", "</think>", "It rains in ", "Oslo", ".")
+    script(server.llm, "<think>", "hmm, rain", "</think>", "It rains in ", "Oslo", ".")
     whole = client.responses.create(model=MODEL, input="Weather in Oslo?", instructions="Be brief.",
                                     max_output_tokens=40)
     assert whole.status == "completed" and whole.output_text == "It rains in Oslo."
@@ -96,9 +82,9 @@ def test_parse_with_a_pydantic_model_thinking_on_and_off(client):
 
 
 def test_previous_response_id_continues_the_conversation(client, server, prompts, sampled):
-    script(server, "Paris is the capital.")
+    script(server.llm, "Paris is the capital.")
     first = client.responses.create(model=MODEL, input="Capital of France?", max_output_tokens=40)
-    script(server, "About 2 million.")
+    script(server.llm, "About 2 million.")
     second = client.responses.create(model=MODEL, input="How many live there?", previous_response_id=first.id,
                                      max_output_tokens=40)
     assert second.previous_response_id == first.id and second.output_text == "About 2 million."

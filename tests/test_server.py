@@ -361,3 +361,29 @@ def test_chat_with_a_video_url(client, tmp_path):
         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
                                      {"type": "text", "text": "what moves?"}]}])
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 20
+
+
+def test_completions_echo_gives_the_prompt_and_its_logprobs(client):
+    """What lm-evaluation-harness's log-likelihood tasks read: the prompt's text and tokens first (the first
+    without a logprob), then the completion; vLLM's prompt_logprobs carry the same numbers."""
+    ids = list(range(40, 52))
+    r = client.completions.create(model="glm45v-test", prompt=[ids], max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0, extra_body={"prompt_logprobs": 1})
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert choice.text == "".join(lp.tokens) and lp.text_offset[1] == len(lp.tokens[0])
+    vllm = choice.model_extra["prompt_logprobs"]
+    assert vllm[0] is None and [e[str(t)]["logprob"] for e, t in zip(vllm[1:], ids[1:])] == lp.token_logprobs[1:-1]
+    assert all(e[str(t)]["rank"] >= 1 for e, t in zip(vllm[1:], ids[1:]))
+
+
+def test_prompt_logprobs_are_bounded_whatever_the_prompt_shape():
+    from glm45v_npu.errors import FieldError
+    from glm45v_npu.server.protocol import CompletionRequest
+
+    for prompt in ("x" * 10_000, [7] * 10_000, [[7] * 10_000], ["x" * 10_000]):
+        with pytest.raises(FieldError) as e:
+            CompletionRequest(prompt=prompt, prompt_logprobs=20).prepared({}, 100_000)
+        assert e.value.field == "prompt_logprobs"
+    CompletionRequest(prompt=[[7] * 100], prompt_logprobs=20).prepared({}, 100_000)

@@ -386,7 +386,7 @@ def test_reasoning_effort_on_llm_chat(ckpt):
     assert off.prompt.endswith("<think></think>\n")
     on = llm.chat(user, SamplingParams(max_tokens=1), reasoning_effort="low")[0]
     assert on.prompt.endswith("<|assistant|>\n") and not on.prompt.endswith("</think>\n")
-    with pytest.raises(Glm45vError, match="reasoning_effort 'huge'"):
+    with pytest.raises(Glm45vError, match="reasoning_effort='huge'"):
         llm.chat(user, reasoning_effort="huge")
 
 

@@ -334,27 +334,27 @@ class Engine:
                             [s.token_ids for s in seqs], [s.prompt_len for s in seqs], suppress, allowed)
 
     def _prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor) -> tuple:
-        """The logprob and rank of each asked prompt position's next token, and the top N, on the host."""
+        """The logprob and rank of each asked prompt position's next token, and the top N, computed on the device
+        and brought to the host once (prefill steps of requests that ask for them only)."""
         lp = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor([t for seq, start, count in plan.prompt_spans
-                                for t in seq.token_ids[start + 1 : start + 1 + count]], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])[:, 0]
+        targets = [t for seq, start, count in plan.prompt_spans for t in seq.token_ids[start + 1 : start + 1 + count]]
+        chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0]
         ranks = (lp > chosen[:, None]).sum(1) + 1
-        top_n = max(seq.params.prompt_logprobs for seq, _, _ in plan.prompt_spans)
-        top = lp.topk(top_n, dim=-1) if top_n else None
-        return (targets.tolist(), chosen.tolist(), ranks.tolist(),
-                (top.values.tolist(), top.indices.tolist()) if top is not None else None)
+        top = lp.topk(max(seq.params.prompt_logprobs for seq, _, _ in plan.prompt_spans), dim=-1)
+        return targets, chosen.tolist(), ranks.tolist(), top.values.tolist(), top.indices.tolist()
 
-    def _record_prompt_logprobs(self, plan: StepPlan, targets, chosen, ranks, top) -> None:
+    def _record_prompt_logprobs(self, plan: StepPlan, targets, chosen, ranks, top_values, top_ids) -> None:
+        rows = [(start + 1 + k, seq.params.prompt_logprobs) for seq, start, count in plan.prompt_spans
+                for k in range(count)]
+        ids = sorted(set(targets).union(*(top[:n] for (_, n), top in zip(rows, top_ids))))
+        text = dict(zip(ids, self._decode_many(ids)))
         row = 0
-        for seq, start, count in plan.prompt_spans:
-            n = seq.params.prompt_logprobs
-            for k in range(count):
-                tok = targets[row]
-                entry = {tok: Logprob(chosen[row], ranks[row], self._decode_one(tok))}
-                for rank, (value, tid) in enumerate(zip(top[0][row][:n], top[1][row][:n]) if top else (), start=1):
-                    entry.setdefault(tid, Logprob(value, rank, self._decode_one(tid)))
-                seq.prompt_logprobs[start + 1 + k] = entry  # by position: a recomputed prompt writes it again
+        for seq, _, count in plan.prompt_spans:
+            for at, n in rows[row : row + count]:
+                entry = {targets[row]: Logprob(chosen[row], ranks[row], text[targets[row]])}
+                for rank, (value, tid) in enumerate(zip(top_values[row][:n], top_ids[row][:n]), start=1):
+                    entry.setdefault(tid, Logprob(value, rank, text[tid]))
+                seq.prompt_logprobs[at] = entry  # by position: a recomputed prompt writes it again
                 row += 1
 
     def _append(self, seq: Sequence, row: int, sampled: Sampled, now: float) -> None:
@@ -402,8 +402,12 @@ class Engine:
                    self.capacity_tokens - prompt_len)
 
     def _decode_one(self, token: int) -> str | None:
+        return self._decode_many([token])[0]
+
+    def _decode_many(self, tokens: list[int]) -> list[str | None]:
+        """Each token's text on its own (one tokenizer call for all of them)."""
         tok = self.processor.tokenizer
-        return None if tok is None else tok.decode([token])
+        return [None] * len(tokens) if tok is None else tok.batch_decode([[t] for t in tokens])
 
     def _emit(self) -> list[RequestOutput]:
         outs = []

@@ -288,9 +288,8 @@ def _min_chars(schema: Any, depth: int) -> int:
     (separators ", " and ": "), roughly: required members only."""
     if not isinstance(schema, dict) or depth > 40:
         return 1
-    for key in ("const",):
-        if key in schema:
-            return len(json.dumps(schema[key]))
+    if "const" in schema:
+        return len(json.dumps(schema["const"]))
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return min(len(json.dumps(v)) for v in schema["enum"])
     for key in ("anyOf", "oneOf"):

@@ -225,7 +225,8 @@ def is_calls_reply(text: str, tools: dict[str, dict], answer: StructuredOutputsP
         return None
     if s[0] != "[":
         return False
-    if answer.value.get("type") != "array" and "array" not in (answer.value.get("type") or []):
+    kinds = answer.value.get("type")
+    if "array" not in (kinds if isinstance(kinds, list) else [kinds]):
         return True
     try:
         value = json.loads(s)

@@ -16,10 +16,10 @@ from ..errors import FieldError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import (
     MAX_LOGPROBS,
-    REASONING_BUDGETS,
     STRUCTURED_KINDS,
     SamplingParams,
     StructuredOutputsParams,
+    effort_budget,
 )
 
 TEMPLATE_KWARGS = {"enable_thinking": bool}
@@ -125,12 +125,8 @@ class ChatCompletionRequest(_Sampling):
 
     def budget(self) -> int | None:
         """thinking_token_budget, else reasoning_effort's budget."""
-        effort = self.reasoning_effort
-        if effort is not None and effort not in REASONING_BUDGETS:
-            raise FieldError("", "reasoning_effort", effort, f"expected one of {', '.join(REASONING_BUDGETS)}")
-        if self.thinking_token_budget is not None:
-            return self.thinking_token_budget
-        return None if effort is None else REASONING_BUDGETS[effort]
+        effort = None if self.reasoning_effort is None else effort_budget(self.reasoning_effort)
+        return self.thinking_token_budget if self.thinking_token_budget is not None else effort
 
     def tool_use(self) -> ToolUse | None:
         """The tools and what tool_choice asks of them; None without tools."""
@@ -262,8 +258,8 @@ class CompletionRequest(_Sampling):
         params = self.params(defaults)
         check_share(params, self.stream, max_model_len, top_field="logprobs")
         if params.prompt_logprobs is not None:
-            p = self.prompt
-            size = len(p.encode()) if isinstance(p, str) else len(p) if p and isinstance(p[0], int) else 0
+            size = max(len(p["prompt"].encode()) if "prompt" in p else len(p["prompt_token_ids"])
+                       for p in self.prompts())
             entries = min(size, max_model_len) * (1 + params.prompt_logprobs)
             if entries > MAX_WHOLE_LOGPROBS:
                 raise FieldError("", "prompt_logprobs" if self.prompt_logprobs is not None else "logprobs",

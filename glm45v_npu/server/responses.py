@@ -69,7 +69,8 @@ class ResponsesRequest(BaseModel):
         return p.ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None}), messages, where
 
     def prepared(self, defaults: dict, max_model_len: int):
-        """Checked as the chat path checks it (without the stored conversation, which the route adds)."""
+        """Tools, sampling parameters and template arguments, checked as the chat path checks them; none of them
+        depends on the stored conversation, which the route adds to the messages."""
         chat, _, _ = self.chat()
         return chat.prepared(defaults, max_model_len)
 

@@ -23,7 +23,7 @@ router = APIRouter()
 @router.post("/v1/responses")
 async def create(request: Request):
     state = state_of(request)
-    req, _ = await parse(request, state, r.ResponsesRequest)
+    req, (tool_use, params, kwargs) = await parse(request, state, r.ResponsesRequest)  # none of it reads history
     history: list[dict] = []  # the stored conversation this request continues
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
@@ -33,7 +33,6 @@ async def create(request: Request):
                            param="previous_response_id", code="previous_response_not_found")
         history = stored[1]
     chat, new, where = await asyncio.to_thread(req.chat, history)
-    tool_use, params, kwargs = await asyncio.to_thread(chat.prepared, state.defaults, state.max_model_len)
     offset = len(chat.messages) - len(new)
     try:
         new = await resolve_media(new, state.config.media)
