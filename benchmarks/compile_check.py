@@ -308,18 +308,18 @@ def describe(launch: Launch) -> str:
 
 def oversized(backend: str) -> list[Launch]:
     """Launches the check must reject. Ascend: a store of a 2^20-element row (its tile cannot fit a 192 KiB UB).
-    CUDA: a MoE tile of 256 x 256 x 256 in four stages (over any part's shared memory), and a decode tile of 512
-    keys (more registers than a thread has: it spills)."""
+    CUDA: a MoE tile of 256 x 128 x 256 (over any part's shared memory), and a decode tile of 256 keys (more
+    registers than a thread has: it spills); the smallest such tiles, each compiled in seconds."""
     if backend == "ascend":
         return [store_kv_launch(1, 2**20, torch.float32, torch.float32, "npu")]
     from glm45v_npu.kernels import fused_moe, paged_attention
 
-    big = Tile(256, 256, 256, 4, 4)
+    big = Tile(256, 128, 256, num_warps=8, num_stages=2)
     moe = fused_moe.moe_launches(4096, 8, 128, 4096, 1408, torch.bfloat16, "cuda")[0]
     moe = Launch(moe.kernel, moe.grid, {**moe.constexprs, "BLOCK_M": big.block_m, "BLOCK_N": big.block_n,
                                         "BLOCK_K": big.block_k}, moe.types, big.options("cuda"))
     decode = paged_attention.decode_launches(1, 12, 1, 128, 16, torch.bfloat16, torch.bfloat16, "cuda")[0]
-    decode = Launch(decode.kernel, decode.grid, {**decode.constexprs, "BLOCK_N": 512}, decode.types, decode.options)
+    decode = Launch(decode.kernel, decode.grid, {**decode.constexprs, "BLOCK_N": 256}, decode.types, decode.options)
     return [moe, decode]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_cases import cli_env, forked
 from tests.tiny import IMAGE_TOKEN, make_vl_checkpoint, random_image
 
 VLLM_SCRIPT = '''
@@ -111,35 +112,31 @@ def test_version_and_help_are_quick():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    import os
-
-    return dict(os.environ, GLM45V_CACHE=str(tmp_path_factory.mktemp("cache-api")), PYTHONUNBUFFERED="1")
-
-
-def _chat(env, *args):
-    return subprocess.run([str(BIN), "chat", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    return cli_env(tmp_path_factory.mktemp("cache-api"))
 
 
 @pytest.mark.slow
 def test_ollama_style_positional_chat(env, tmp_path):
     image = tmp_path / "cat.png"
     random_image(50, 40, 9).save(image)
-    a = _chat(env, "describe this", image, "--json", "--max-tokens", 4, "--temperature", 0)
-    b = _chat(env, "-p", "describe this", "--image", image, "--json", "--max-tokens", 4, "--temperature", 0)
+    a, b = forked(env, tmp_path / "runs", [
+        ["chat", "describe this", image, "--json", "--max-tokens", 4, "--temperature", 0],
+        ["chat", "-p", "describe this", "--image", image, "--json", "--max-tokens", 4, "--temperature", 0]])
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert json.loads(a.stdout) == json.loads(b.stdout)
 
 
 @pytest.mark.slow
-def test_renamed_flags_and_their_old_forms(env):
-    new = _chat(env, "-p", "hi", "--json", "--max-tokens", 3, "--temperature", 0, "--enable-expert-parallel",
-                "--no-think", "--max-model-len", 256, "--max-num-seqs", 4, "--enforce-eager")
-    old = _chat(env, "-p", "hi", "--json", "--max-tokens", 3, "--temperature", 0, "--no-think")
+def test_renamed_flags_and_their_old_forms(env, tmp_path):
+    hi = ["chat", "-p", "hi", "--json", "--max-tokens", 3, "--temperature", 0]
+    new, old, tp, too_long = forked(env, tmp_path / "runs", [
+        [*hi, "--enable-expert-parallel", "--no-think", "--max-model-len", 256, "--max-num-seqs", 4, "--enforce-eager"],
+        [*hi, "--no-think"],
+        [*hi, "--tp-experts"],
+        ["chat", "-p", "hi", "--max-tokens", 300, "--max-model-len", 64]])
     assert new.returncode == 0 and old.returncode == 0, new.stderr + old.stderr
     assert json.loads(new.stdout)["raw"] == json.loads(old.stdout)["raw"]
-    tp = _chat(env, "-p", "hi", "--json", "--max-tokens", 3, "--temperature", 0, "--tp-experts")
     assert tp.returncode == 0, tp.stderr  # the old flag of 0.1 still parses
-    too_long = _chat(env, "-p", "hi", "--max-tokens", 300, "--max-model-len", 64)
     assert too_long.returncode == 2 and "exceeds the model's context of 64 tokens" in too_long.stderr
 
 
@@ -148,8 +145,9 @@ def test_chat_with_videos(env, tmp_path):
     from glm45v_npu.inputs.video import write_test_video
 
     clip = write_test_video(tmp_path / "clip.mp4", 1.5, size=(64, 48))
-    a = _chat(env, "--video", clip, "-p", "what moves?", "--json", "--max-tokens", 3, "--temperature", 0)
-    b = _chat(env, "what moves?", clip, "--json", "--max-tokens", 3, "--temperature", 0)
+    a, b = forked(env, tmp_path / "runs", [
+        ["chat", "--video", clip, "-p", "what moves?", "--json", "--max-tokens", 3, "--temperature", 0],
+        ["chat", "what moves?", clip, "--json", "--max-tokens", 3, "--temperature", 0]])
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert json.loads(a.stdout) == json.loads(b.stdout) and json.loads(a.stdout)["prompt_tokens"] > 20
     script = f"/video {clip}\nwhat moves?\n/video {tmp_path / 'missing.mp4'}\n/exit\n"
@@ -160,9 +158,8 @@ def test_chat_with_videos(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_log_level_shows_the_kv_budget(env):
-    r = subprocess.run([str(BIN), "--log-level", "info", "chat", "-p", "hi", "--max-tokens", "1"], env=env,
-                       capture_output=True, text=True, timeout=300)
+def test_log_level_shows_the_kv_budget(env, tmp_path):
+    r, bad = forked(env, tmp_path / "runs", [["--log-level", "info", "chat", "-p", "hi", "--max-tokens", 1],
+                                              ["--log-level", "loud", "info"]])
     assert r.returncode == 0 and "KV cache" in r.stderr, r.stderr
-    bad = subprocess.run([str(BIN), "--log-level", "loud", "info"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--log-level loud" in bad.stderr

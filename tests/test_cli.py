@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_cases import cli_env, forked
 from tests.tiny import random_image
 
 BIN = Path(sys.executable).with_name("glm45v")
@@ -17,11 +18,7 @@ BIN = Path(sys.executable).with_name("glm45v")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from glm45v_npu.kernels.cpu import cache_folder
-
-    # a fresh cache for models, the session's for the native CPU kernels (built once, not again per run here)
-    e = dict(os.environ, GLM45V_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONUNBUFFERED="1",
-             GLM45V_KERNEL_CACHE=str(cache_folder()))
+    e = cli_env(tmp_path_factory.mktemp("cache"))
     subprocess.run([str(BIN), "info", "--model", "tiny-random"], env=e, check=True, capture_output=True)
     return e
 
@@ -65,22 +62,12 @@ def test_caption_with_an_image_transformers_refuses(env, thin_folder, tmp_path):
     assert "thin.png" in rows["thin.png"]["error"] and "aspect ratio" in rows["thin.png"]["error"]
 
 
-def forked(env, folder, cases: list[list]) -> list:
-    """Each command line as its own process, forked after one import of torch (tests/cli_cases.py): the same exit
-    status, stdout and stderr as a separate `glm45v` run, without two seconds of imports per case."""
-    folder.mkdir(exist_ok=True)
-    driver = subprocess.run([sys.executable, "-m", "tests.cli_cases", json.dumps([list(map(str, c)) for c in cases]),
-                             str(folder)], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).parents[1])
-    assert driver.returncode == 0, driver.stderr
-    results = json.loads(driver.stdout)
-    assert len(results) == len(cases)
-    return [subprocess.CompletedProcess(c, r["returncode"], r["stdout"], r["stderr"]) for c, r in zip(cases, results)]
-
-
 @pytest.fixture(scope="module")
 def runs(env, images, tmp_path_factory):
-    """The commands that need no input, run once for the tests below."""
+    """The commands that need no input, run once for the tests below (in one driver: tests/cli_cases.py); the hub
+    offline, as the mistakes' last case needs."""
+    tmp = tmp_path_factory.mktemp("mistakes")
+    (tmp / "empty").mkdir()
     cases = {
         "one-shot": ["chat", "-p", "what is in the picture?", "--image", images / "good0.png", "--max-tokens", 12,
                      "--seed", 0],
@@ -89,8 +76,14 @@ def runs(env, images, tmp_path_factory):
                        "56x56", "--json"],
         "info-tp8": ["info", "--model", "glm-4.5v", "--tensor-parallel-size", 8, "--dtype", "bfloat16"],
         "info": ["info", "--model", "glm-4.5v"],
+        "interactive": (["chat", "--max-tokens", 5, "--temperature", 0, "--json"],
+                        f"hello\n/image {images / 'good1.png'}\ndescribe it\n/reset\n/image {images / 'missing.png'}\n"
+                        "hello\n/exit\n"),
+        **{f"mistake {i}": [a.format(empty=tmp / "empty", images=images, tmp=tmp) for a in args]
+           for i, (args, _) in enumerate(MISTAKES)},
     }
-    return dict(zip(cases, forked(env, tmp_path_factory.mktemp("runs"), list(cases.values()))))
+    return dict(zip(cases, forked(dict(env, HF_HUB_OFFLINE="1"), tmp_path_factory.mktemp("runs"),
+                                  list(cases.values()))))
 
 
 def test_chat_one_shot_with_image(runs):
@@ -108,10 +101,8 @@ def test_chat_json(runs):
     assert {"answer", "reasoning", "boxes", "raw", "prompt_tokens"} <= set(result)
 
 
-def test_chat_interactive_commands(env, images):
-    script = (f"hello\n/image {images / 'good1.png'}\ndescribe it\n/reset\n/image {images / 'missing.png'}\n"
-              "hello\n/exit\n")
-    r = glm45v(env, "chat", "--max-tokens", 5, "--temperature", 0, "--json", stdin=script)
+def test_chat_interactive_commands(runs):
+    r = runs["interactive"]
     assert r.returncode == 0, r.stderr
     turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(turns) == 3
@@ -200,10 +191,9 @@ MISTAKES = [
 ]
 
 
-def test_user_mistakes_give_one_line_and_exit_2(env, images, tmp_path):
-    (tmp_path / "empty").mkdir()
-    cases = [[a.format(empty=tmp_path / "empty", images=images, tmp=tmp_path) for a in args] for args, _ in MISTAKES]
-    for (args, message), r in zip(MISTAKES, forked(dict(env, HF_HUB_OFFLINE="1"), tmp_path / "runs", cases)):
+def test_user_mistakes_give_one_line_and_exit_2(runs):
+    for i, (args, message) in enumerate(MISTAKES):
+        r = runs[f"mistake {i}"]
         assert r.returncode == 2, (args, r)
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], (args, r.stderr)

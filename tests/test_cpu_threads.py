@@ -13,6 +13,7 @@ import torch
 
 from glm45v_npu import platform
 from glm45v_npu.parallel.cluster import Torchrun
+from tests.cli_cases import cli_env
 
 
 @pytest.mark.parametrize("allowed, local_world, shares", [
@@ -52,7 +53,7 @@ def test_an_engine_under_taskset_runs_one_thread_per_allowed_core(tmp_path):
     code = ("import torch; torch.set_num_threads(7); from glm45v_npu import LLM; "
             "llm = LLM('tiny-random', max_model_len=128); "
             "print('threads', torch.get_num_threads()); llm.close(); print('after', torch.get_num_threads())")
-    env = dict(os.environ, GLM45V_CACHE=str(tmp_path))
+    env = cli_env(tmp_path)
     for cores, want in (("0", 1), ("0,1", 2)):
         out = subprocess.run(["taskset", "-c", cores, sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, timeout=300)

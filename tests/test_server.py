@@ -5,7 +5,6 @@ port, except for the SIGTERM test, which runs the real command."""
 import asyncio
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 from glm45v_npu import LLM, SamplingParams
 from glm45v_npu.parallel.layout import free_port
 from glm45v_npu.server.media_policy import MediaPolicy
+from tests.cli_cases import cli_env
 from tests.serving import ScriptedSampler, Server, data_uri, wait_healthy
 from tests.tiny import make_vl_checkpoint, random_image
 
@@ -314,7 +314,7 @@ def test_no_ui_serves_no_page_and_imports_nothing_for_it(ckpt, monkeypatch):
 
 @pytest.mark.slow
 def test_sigterm_during_streaming_exits_cleanly(tmp_path):
-    env = dict(os.environ, GLM45V_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    env = cli_env(tmp_path / "cache")
     port = free_port()
     binary = Path(sys.executable).with_name("glm45v")
     proc = subprocess.Popen([str(binary), "serve", "--port", str(port), "--shutdown-grace", "5"], env=env,
