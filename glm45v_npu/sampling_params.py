@@ -12,13 +12,6 @@ OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 MAX_LOGPROBS = 20
 # reasoning_effort (OpenAI's field): none and minimal turn thinking off; the others set a thinking budget (README)
 REASONING_BUDGETS = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
-
-
-def effort_budget(effort: str, where: str = "") -> int | None:
-    """reasoning_effort -> its thinking_token_budget (0: thinking off, which the template's enable_thinking says)."""
-    if effort not in REASONING_BUDGETS:
-        raise FieldError(where, "reasoning_effort", effort, f"expected one of {', '.join(REASONING_BUDGETS)}")
-    return REASONING_BUDGETS[effort]
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # What a structured-output request may ask for, counted before anything validates or compiles it (README:
 # "Limits"): past these, schema validation, grammar compilation or the per-token mask take seconds of CPU and
@@ -28,6 +21,13 @@ MAX_SCHEMA_DEPTH = 32  # nesting of objects and arrays in a JSON schema
 MAX_CHOICES = 1_024  # guided_choice alternatives
 MAX_GRAMMAR_CHARS = 64 * 1024  # characters of a regex, an EBNF grammar, or all choices together
 MAX_REGEX_EXPANSION = 4_096  # counted repetitions a regex unrolls to (a{1,100} counts 100; nested ones multiply)
+
+
+def effort_budget(effort: str, where: str = "") -> int | None:
+    """reasoning_effort -> its thinking_token_budget (0: thinking off, which the template's enable_thinking says)."""
+    if effort not in REASONING_BUDGETS:
+        raise FieldError(where, "reasoning_effort", effort, f"expected one of {', '.join(REASONING_BUDGETS)}")
+    return REASONING_BUDGETS[effort]
 
 
 @dataclass

@@ -344,18 +344,15 @@ class Engine:
         return targets, chosen.tolist(), ranks.tolist(), top.values.tolist(), top.indices.tolist()
 
     def _record_prompt_logprobs(self, plan: StepPlan, targets, chosen, ranks, top_values, top_ids) -> None:
-        rows = [(start + 1 + k, seq.params.prompt_logprobs) for seq, start, count in plan.prompt_spans
-                for k in range(count)]
-        ids = sorted(set(targets).union(*(top[:n] for (_, n), top in zip(rows, top_ids))))
-        text = dict(zip(ids, self._decode_many(ids)))
-        row = 0
-        for seq, _, count in plan.prompt_spans:
-            for at, n in rows[row : row + count]:
-                entry = {targets[row]: Logprob(chosen[row], ranks[row], text[targets[row]])}
-                for rank, (value, tid) in enumerate(zip(top_values[row][:n], top_ids[row][:n]), start=1):
-                    entry.setdefault(tid, Logprob(value, rank, text[tid]))
-                seq.prompt_logprobs[at] = entry  # by position: a recomputed prompt writes it again
-                row += 1
+        rows = [(seq, start + 1 + k) for seq, start, count in plan.prompt_spans for k in range(count)]
+        ids = sorted(set(targets).union(*(top[:seq.params.prompt_logprobs] for (seq, _), top in zip(rows, top_ids))))
+        text = dict(zip(ids, self._decode_many(ids)))  # one tokenizer call for the step
+        for row, (seq, at) in enumerate(rows):
+            n = seq.params.prompt_logprobs
+            entry = {targets[row]: Logprob(chosen[row], ranks[row], text[targets[row]])}
+            for rank, (value, tid) in enumerate(zip(top_values[row][:n], top_ids[row][:n]), start=1):
+                entry.setdefault(tid, Logprob(value, rank, text[tid]))
+            seq.prompt_logprobs[at] = entry  # by position: a recomputed prompt writes it again
 
     def _append(self, seq: Sequence, row: int, sampled: Sampled, now: float) -> None:
         req, comp = self._owner[seq.seq_id]
@@ -366,9 +363,11 @@ class Engine:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         if comp.logprobs is not None:
-            entry = {token: Logprob(sampled.logprobs[row], sampled.ranks[row], self._decode_one(token))}
-            for rank, (tid, lp) in enumerate(sampled.top[row] or [], start=1):
-                entry.setdefault(tid, Logprob(lp, rank, self._decode_one(tid)))
+            top = sampled.top[row] or []
+            text = self._decode_many([token] + [tid for tid, _ in top])  # one tokenizer call per row, not 1 + N
+            entry = {token: Logprob(sampled.logprobs[row], sampled.ranks[row], text[0])}
+            for rank, ((tid, lp), tid_text) in enumerate(zip(top, text[1:]), start=1):
+                entry.setdefault(tid, Logprob(lp, rank, tid_text))
             comp.logprobs.append(entry)
         p = seq.params
         is_eos = not p.ignore_eos and token in self.processor.eos_token_ids
@@ -400,9 +399,6 @@ class Engine:
         """The most tokens a sequence may write: max_tokens, within the context and the whole cache."""
         return min(p.max_tokens or self.max_model_len, self.max_model_len - prompt_len,
                    self.capacity_tokens - prompt_len)
-
-    def _decode_one(self, token: int) -> str | None:
-        return self._decode_many([token])[0]
 
     def _decode_many(self, tokens: list[int]) -> list[str | None]:
         """Each token's text on its own (one tokenizer call for all of them)."""
